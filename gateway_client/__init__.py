@@ -1,0 +1,1 @@
+"""The Job Gateway's reference Python client. Django-free."""
