@@ -1,0 +1,62 @@
+"""ASGI entry point: ``daphne gateway_project.asgi:application``.
+
+HTTP under ``/admin/`` and ``/static/`` goes through Django's full stack; every
+other path is the signed API, served by a lean handler. WebSockets at ``/ws``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from django.core.asgi import get_asgi_application
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway_project.settings")
+
+# Django is set up first: consumers import models.
+django_application = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.urls import path  # noqa: E402
+
+from jobs.consumers import JobConsumer  # noqa: E402
+from jobs.handlers import ApiHandler  # noqa: E402
+
+Scope = dict[str, Any]
+
+_FULL_STACK_PREFIXES = ("/admin/", "/" + settings.STATIC_URL.lstrip("/"))
+
+
+def missing_secrets() -> list[str]:
+    """The settings that serving cannot do without."""
+    required = {"API_KEY": settings.API_KEYS, "HMAC_SECRET": settings.HMAC_SECRETS}
+    if not settings.DEBUG:
+        required["DJANGO_SECRET_KEY"] = [settings.SECRET_KEY] if settings.SECRET_KEY else []
+    return [name for name, value in required.items() if not value]
+
+
+def _http_router(api: Any, full_stack: Any) -> Any:
+    async def route(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["path"].startswith(_FULL_STACK_PREFIXES):
+            await full_stack(scope, receive, send)
+        else:
+            await api(scope, receive, send)
+
+    return route
+
+
+application = ProtocolTypeRouter(
+    {
+        "http": _http_router(ApiHandler(), django_application),
+        # No origin check: game clients send no Origin header, and the API key
+        # (checked by the consumer before accepting) is what admits a client.
+        "websocket": URLRouter([path("ws", JobConsumer.as_asgi())]),
+    }
+)
+
+# Serving without the secrets would admit nobody, or anybody: refuse in one line.
+# (migrate, createsuperuser and the like never import this module.)
+if _missing := missing_secrets():
+    sys.exit(f"Refusing to serve: {', '.join(_missing)} not set.")

@@ -1,0 +1,220 @@
+"""Django settings for the Job Gateway.
+
+Every value comes from ``gateway_project.config``: the environment, then the
+JSON file named by ``SETTINGS_FILE``, then the defaults below. ``REDIS_URL``
+decides, here and nowhere else, which queue, channel layer and cache are used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+import django_stubs_ext
+
+from gateway_project.config import Config
+
+# Lets the admin and querysets take type parameters at run time (ModelAdmin[Job]).
+django_stubs_ext.monkeypatch()
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+config = Config.load(os.environ, BASE_DIR)
+
+# --- Django -------------------------------------------------------------------
+
+DEBUG = config.boolean("DEBUG", False)
+# Empty when unset: Django then refuses to sign sessions, and serving refuses to
+# start (gateway_project.asgi); migrate and the tests need no secret.
+SECRET_KEY = config.string("DJANGO_SECRET_KEY", "") or ""
+ALLOWED_HOSTS = config.strings("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = config.strings("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "jobs",
+    "discord_poller",
+]
+
+# The admin's stack. The API paths skip it: see gateway_project.asgi.
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+API_MIDDLEWARE = ["jobs.middleware.ApiMiddleware"]
+
+ROOT_URLCONF = "gateway_project.urls"
+ASGI_APPLICATION = "gateway_project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+_SQLITE_FILE = BASE_DIR / "db.sqlite3"
+DATABASES = {
+    "default": dj_database_url.parse(
+        config.string("DATABASE_URL", f"sqlite:///{_SQLITE_FILE}") or "",
+        conn_max_age=600,
+        conn_health_checks=True,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["OPTIONS"] = {
+        # IMMEDIATE takes the write lock at BEGIN, so concurrent claimers queue
+        # up instead of failing with "database is locked" halfway through.
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    # The test database is a file, so that daphne processes started by the
+    # tests see what the tests wrote.
+    DATABASES["default"]["TEST"] = {
+        "NAME": config.string("TEST_SQLITE_FILE", str(BASE_DIR / "test.sqlite3"))
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": f"django.contrib.auth.password_validation.{name}"}
+    for name in (
+        "UserAttributeSimilarityValidator",
+        "MinimumLengthValidator",
+        "CommonPasswordValidator",
+        "NumericPasswordValidator",
+    )
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+# Hashed, compressed names once collectstatic has run (the deploy's build step
+# does); until then, straight from the apps' folders, so a fresh checkout's
+# admin has its styles without a build step.
+_COLLECTED = (STATIC_ROOT / "staticfiles.json").exists()
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if _COLLECTED
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
+}
+WHITENOISE_USE_FINDERS = not _COLLECTED
+
+# --- Backing services: chosen here, from REDIS_URL ----------------------------
+
+REDIS_URL = config.string("REDIS_URL")
+
+if REDIS_URL:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
+        }
+    }
+    _CHANNEL_LAYER_BACKENDS = {
+        "redis": "channels_redis.core.RedisChannelLayer",
+        "redis-pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
+    }
+    CHANNEL_LAYER = config.string("CHANNEL_LAYER", "redis-pubsub") or ""
+    if CHANNEL_LAYER not in _CHANNEL_LAYER_BACKENDS:
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(
+            f"CHANNEL_LAYER must be one of {sorted(_CHANNEL_LAYER_BACKENDS)}, "
+            f"not {CHANNEL_LAYER!r}."
+        )
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": _CHANNEL_LAYER_BACKENDS[CHANNEL_LAYER],
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CHANNEL_LAYER = "memory"
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    # django-ratelimit refuses LocMem (E003) because counts are per process. The
+    # embedded default is one process, where per-process counts are the counts.
+    SILENCED_SYSTEM_CHECKS = ["django_ratelimit.E003"]
+
+QUEUE_BACKEND = config.string("QUEUE_BACKEND", "redis" if REDIS_URL else "database")
+
+# --- The gateway (contract section 6) -----------------------------------------
+
+# Lists, so that a key can be rotated: any listed value is accepted.
+API_KEYS = config.strings("API_KEY")
+HMAC_SECRETS = config.strings("HMAC_SECRET")
+TIMESTAMP_TOLERANCE = config.integer("TIMESTAMP_TOLERANCE", 60, minimum=1)
+WS_REQUIRE_SIGNATURE = config.boolean("WS_REQUIRE_SIGNATURE", False)
+
+RATE_LIMIT_PER_MINUTE = config.integer("RATE_LIMIT_PER_MINUTE", 0, minimum=0)
+RATE_LIMIT_WINDOW_SECONDS = config.integer("RATE_LIMIT_WINDOW_SECONDS", 60, minimum=1)
+# When the rate-limit store (Redis) is down: false answers 503, true lets the
+# request through uncounted.
+RATE_LIMIT_FAIL_OPEN = config.boolean("RATE_LIMIT_FAIL_OPEN", False)
+TRUSTED_PROXY_COUNT = config.integer("TRUSTED_PROXY_COUNT", 0, minimum=0)
+
+JOB_TTL_SECONDS = config.integer("JOB_TTL_SECONDS", 300, minimum=1, maximum=86400)
+DEDUP_WINDOW_SECONDS = config.integer("DEDUP_WINDOW_SECONDS", 60, minimum=0)
+MAX_JOB_BYTES = config.integer("MAX_JOB_BYTES", 16384, minimum=256)
+JOB_RETENTION_HOURS = config.integer("JOB_RETENTION_HOURS", 24, minimum=1)
+HEADLESS_MODE = config.boolean("HEADLESS_MODE", True)
+PORT = config.integer("PORT", 8000, minimum=1, maximum=65535)
+
+# Django refuses bodies over this before our own MAX_JOB_BYTES check can.
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(MAX_JOB_BYTES * 2, 2_621_440)
+
+# --- The Discord poller -------------------------------------------------------
+
+CHANNEL_IDS = config.strings("CHANNEL_ID")
+DISCORD_TOKEN = config.string("DISCORD_TOKEN")
+DISCORD_API_BASE = (
+    config.string("DISCORD_API_BASE", "https://discord.com/api/v10") or ""
+).rstrip("/")
+DISCORD_POLL_SECONDS = config.number("DISCORD_POLL_SECONDS", 0.25, minimum=0.0)
+BURST_POLL_SECONDS = config.number("BURST_POLL_SECONDS", 0.05, minimum=0.0)
+SERVICE_BASE_URL = (
+    config.string("SERVICE_BASE_URL", f"http://127.0.0.1:{PORT}") or ""
+).rstrip("/")
+
+# --- Logging ------------------------------------------------------------------
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": config.string("LOG_LEVEL", "INFO")},
+}

@@ -1,0 +1,84 @@
+"""The Django admin for inspecting jobs."""
+
+from __future__ import annotations
+
+import json
+
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.timesince import timesince
+
+from jobs.models import Job
+
+
+@admin.register(Job)
+class JobAdmin(admin.ModelAdmin[Job]):
+    list_display = [
+        "id",
+        "job_id",
+        "place_id",
+        "channel",
+        "source",
+        "shown_status",
+        "age",
+        "claimed_by",
+    ]
+    list_filter = ["status", "source", "channel"]
+    search_fields = ["=job_id", "=message_id"]
+    date_hierarchy = "created_at"
+    list_per_page = 100
+    show_full_result_count = False  # a COUNT(*) per page view on a big table
+    actions = ["requeue", "expire"]
+    readonly_fields = [
+        "id",
+        "job_id",
+        "place_id",
+        "channel",
+        "source",
+        "message_id",
+        "title",
+        "readable_fields",
+        "created_at",
+        "expires_at",
+        "status",
+        "claimed_at",
+        "claimed_by",
+    ]
+    exclude = ["fields"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        # Jobs enter through POST /job only: one write path.
+        return False
+
+    @admin.display(description="status", ordering="status")
+    def shown_status(self, job: Job) -> str:
+        if job.status == Job.Status.QUEUED and job.is_expired:
+            return "expired (not yet swept)"
+        return job.get_status_display()
+
+    @admin.display(description="age", ordering="created_at")
+    def age(self, job: Job) -> str:
+        return timesince(job.created_at, timezone.now())
+
+    @admin.display(description="fields")
+    def readable_fields(self, job: Job) -> str:
+        return format_html(
+            "<pre>{}</pre>", json.dumps(job.fields, indent=2, ensure_ascii=False)
+        )
+
+    @admin.action(description="Requeue selected jobs (fresh expiry)")
+    def requeue(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        from jobs.services import requeue
+
+        count = requeue(list(queryset.values_list("pk", flat=True)))
+        self.message_user(request, f"{count} job(s) requeued.", messages.SUCCESS)
+
+    @admin.action(description="Expire selected jobs")
+    def expire(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
+        count = queryset.exclude(status=Job.Status.EXPIRED).update(
+            status=Job.Status.EXPIRED, expires_at=timezone.now()
+        )
+        self.message_user(request, f"{count} job(s) expired.", messages.SUCCESS)

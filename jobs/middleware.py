@@ -1,0 +1,55 @@
+"""The API's only middleware: contract-shaped errors, whatever went wrong."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from django.core.exceptions import DisallowedHost
+from django.db import DatabaseError
+from django.http import HttpRequest, HttpResponse
+from redis.exceptions import RedisError
+
+from jobs.responses import ApiError, unavailable
+
+logger = logging.getLogger(__name__)
+
+
+class ApiMiddleware:
+    """Turn exceptions into the contract's JSON errors; never an HTML page.
+
+    Async only, so a request never hops to a thread just to pass through it.
+    """
+
+    sync_capable = False
+    async_capable = True
+
+    def __init__(
+        self, get_response: Callable[[HttpRequest], Awaitable[HttpResponse]]
+    ) -> None:
+        self.get_response = get_response
+
+    async def __call__(self, request: HttpRequest) -> HttpResponse:
+        try:
+            request.get_host()
+        except DisallowedHost:
+            return ApiError(400, "bad_host", "The Host header is not allowed.").response()
+        return await self.get_response(request)
+
+    def process_exception(
+        self, request: HttpRequest, exception: Exception
+    ) -> HttpResponse:
+        if isinstance(exception, ApiError):
+            return exception.response()
+        if isinstance(exception, DatabaseError | RedisError | OSError):
+            logger.warning(
+                "%s %s: backing service unavailable: %s",
+                request.method,
+                request.path,
+                exception,
+            )
+            return unavailable().response()
+        logger.exception("%s %s failed", request.method, request.path)
+        return ApiError(
+            500, "internal_error", "The gateway failed; the error is logged."
+        ).response()

@@ -1,0 +1,78 @@
+"""The job store: every published job, kept for the admin and for replay."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from django.db import models
+from django.utils import timezone
+
+
+class Job(models.Model):
+    """One Roblox server job, as published, with where it stands in the queue."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        CLAIMED = "claimed"
+        EXPIRED = "expired"
+
+    job_id = models.CharField("job id", max_length=64)
+    place_id = models.BigIntegerField(null=True, blank=True)
+    channel = models.CharField(max_length=64, default="api")
+    source = models.CharField(max_length=32, default="api")
+    message_id = models.CharField(max_length=64, null=True, blank=True, unique=True)
+    title = models.CharField(max_length=256, null=True, blank=True)
+    fields = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.QUEUED
+    )
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    claimed_by = models.GenericIPAddressField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            # The claim query: the oldest queued job, nothing else scanned.
+            models.Index(
+                fields=["id"],
+                condition=models.Q(status="queued"),
+                name="job_queued_idx",
+            ),
+            # De-duplication by job_id within a time window.
+            models.Index(fields=["job_id", "created_at"], name="job_dedup_idx"),
+            # The admin's filters, and retention's range delete.
+            models.Index(fields=["created_at"], name="job_created_idx"),
+            models.Index(fields=["channel", "id"], name="job_channel_idx"),
+            models.Index(fields=["status", "id"], name="job_status_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} (#{self.pk})"
+
+    @property
+    def is_expired(self) -> bool:
+        return self.expires_at <= timezone.now()
+
+    def to_wire(self) -> dict[str, Any]:
+        """The job as clients receive it (contract section 4)."""
+        return {
+            "id": self.pk,
+            "job_id": self.job_id,
+            "place_id": self.place_id,
+            "channel": self.channel,
+            "source": self.source,
+            "message_id": self.message_id,
+            "title": self.title,
+            "fields": self.fields,
+            "created_at": _iso(self.created_at),
+            "expires_at": _iso(self.expires_at),
+        }
+
+
+def _iso(moment: datetime) -> str:
+    # Milliseconds and a Z, as in the contract's example.
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"

@@ -1,0 +1,131 @@
+"""Validation of a posted job (contract section 4): bytes in, a clean draft out."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Channel names become channel-layer group names, which allow only these.
+CHANNEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_TTL_SECONDS = 86400
+MAX_FIELDS = 100
+
+ALLOWED_KEYS = frozenset(
+    {"job_id", "place_id", "channel", "message_id", "title", "fields", "ttl", "source"}
+)
+
+
+class PayloadError(ValueError):
+    """The body is not a valid job; ``code`` is ``bad_json`` or ``bad_field``."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class JobDraft:
+    """A validated job, not yet stored."""
+
+    job_id: str
+    place_id: int | None = None
+    channel: str = "api"
+    source: str = "api"
+    message_id: str | None = None
+    title: str | None = None
+    fields: dict[str, str] = field(default_factory=dict)
+    ttl: int | None = None
+
+
+def parse_job(body: bytes) -> JobDraft:
+    """Parse and validate a ``POST /job`` body; raise ``PayloadError`` if it is bad."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise PayloadError("bad_json", "The body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise PayloadError("bad_json", "The body must be a JSON object.")
+    return draft_from_mapping(data)
+
+
+def draft_from_mapping(data: dict[str, Any]) -> JobDraft:
+    """Validate a decoded job object."""
+    unknown = sorted(set(data) - ALLOWED_KEYS)
+    if unknown:
+        raise _bad(unknown[0], "is not a job field")
+    if "job_id" not in data:
+        raise _bad("job_id", "is required")
+    return JobDraft(
+        job_id=_pattern(data, "job_id", JOB_ID_RE, "1-64 letters, digits, - or _"),
+        place_id=_place_id(data.get("place_id")),
+        channel=_optional_pattern(data, "channel", CHANNEL_RE) or "api",
+        source=_optional_pattern(data, "source", JOB_ID_RE) or "api",
+        message_id=_optional_pattern(data, "message_id", JOB_ID_RE),
+        title=_optional_text(data, "title", 256),
+        fields=_fields(data.get("fields")),
+        ttl=_ttl(data.get("ttl")),
+    )
+
+
+def _bad(name: str, problem: str) -> PayloadError:
+    return PayloadError("bad_field", f"Field {name!r} {problem}.")
+
+
+def _pattern(data: dict[str, Any], name: str, pattern: re.Pattern[str], rule: str) -> str:
+    value = data[name]
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise _bad(name, f"must be {rule}")
+    return value
+
+
+def _optional_pattern(
+    data: dict[str, Any], name: str, pattern: re.Pattern[str]
+) -> str | None:
+    if data.get(name) is None:
+        return None
+    return _pattern(data, name, pattern, "1-64 letters, digits, - or _")
+
+
+def _optional_text(data: dict[str, Any], name: str, max_length: int) -> str | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > max_length:
+        raise _bad(name, f"must be a string of at most {max_length} characters")
+    return value
+
+
+def _place_id(value: Any) -> int | None:
+    if value is None:
+        return None
+    # bool is an int in Python, never a place id.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
+        raise _bad("place_id", "must be a positive integer or null")
+    return value
+
+
+def _ttl(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad("ttl", "must be a whole number of seconds")
+    if not 1 <= value <= MAX_TTL_SECONDS:
+        raise _bad("ttl", f"must be between 1 and {MAX_TTL_SECONDS} seconds")
+    return value
+
+
+def _fields(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad("fields", "must be an object of strings")
+    if len(value) > MAX_FIELDS:
+        raise _bad("fields", f"must hold at most {MAX_FIELDS} entries")
+    for name, text in value.items():
+        if not isinstance(text, str):
+            raise _bad("fields", f"entry {name!r} must be a string")
+    return dict(value)

@@ -1,0 +1,157 @@
+"""The FIFO queue, two backends with one behaviour.
+
+Each job is handed to exactly one caller, oldest first, and an expired job is
+never handed out. ``database`` keeps the queue in the job table itself (the
+default); ``redis`` keeps job ids in a Redis list, as the seed service did, and
+still records claims in the table for the admin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from functools import cache
+from typing import Any, Protocol
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from jobs import redis_clients
+from jobs.db import in_db_thread
+from jobs.models import Job
+
+logger = logging.getLogger(__name__)
+
+QUEUE_KEY = "gateway:queue"
+
+
+class Queue(Protocol):
+    name: str
+
+    def enqueue(self, job: Job) -> None:
+        """Make a committed job claimable; raise if that failed."""
+
+    async def claim(self, claimer: str) -> dict[str, Any] | None:
+        """Hand the oldest unexpired job to ``claimer``, or None when empty."""
+
+    async def depth(self) -> int:
+        """How many jobs wait (expired ones may be counted until swept)."""
+
+
+class DatabaseQueue:
+    """The job table is the queue: queued rows, claimed oldest first."""
+
+    name = "database"
+
+    def enqueue(self, job: Job) -> None:
+        # A stored job with status "queued" is already in the queue.
+        pass
+
+    async def claim(self, claimer: str) -> dict[str, Any] | None:
+        return await _claim_from_table(claimer)
+
+    async def depth(self) -> int:
+        return await _count_queued()
+
+
+@in_db_thread
+def _claim_from_table(claimer: str) -> dict[str, Any] | None:
+    # A lock-free look first: on an empty queue no write lock is ever taken.
+    if not Job.objects.filter(status=Job.Status.QUEUED).exists():
+        return None
+    while True:
+        now = timezone.now()
+        with transaction.atomic():
+            # SKIP LOCKED on PostgreSQL lets concurrent claimers pass each other;
+            # SQLite's IMMEDIATE transaction serialises them instead.
+            job = (
+                Job.objects.select_for_update(skip_locked=True)
+                .filter(status=Job.Status.QUEUED)
+                .order_by("id")
+                .first()
+            )
+            if job is None:
+                return None
+            if job.expires_at <= now:
+                _sweep_expired(now)
+                continue
+            job.status = Job.Status.CLAIMED
+            job.claimed_at = now
+            job.claimed_by = claimer if claimer != "unknown" else None
+            job.save(update_fields=["status", "claimed_at", "claimed_by"])
+            return job.to_wire()
+
+
+def _sweep_expired(now: datetime) -> int:
+    return Job.objects.filter(
+        status=Job.Status.QUEUED, expires_at__lte=now
+    ).update(status=Job.Status.EXPIRED)
+
+
+@in_db_thread
+def _count_queued() -> int:
+    return Job.objects.filter(
+        status=Job.Status.QUEUED, expires_at__gt=timezone.now()
+    ).count()
+
+
+class RedisQueue:
+    """A Redis list of jobs (RPUSH, LPOP): one atomic pop per claim."""
+
+    name = "redis"
+
+    def enqueue(self, job: Job) -> None:
+        entry = {"job": job.to_wire(), "expires": job.expires_at.timestamp()}
+        redis_clients.sync_client().rpush(QUEUE_KEY, json.dumps(entry))
+
+    async def claim(self, claimer: str) -> dict[str, Any] | None:
+        client = redis_clients.async_client()
+        while True:
+            raw = await client.lpop(QUEUE_KEY)
+            if raw is None:
+                return None
+            entry = json.loads(raw)
+            job: dict[str, Any] = entry["job"]
+            now = timezone.now()
+            if entry["expires"] <= now.timestamp():
+                await _record(job["id"], Job.Status.EXPIRED, None, None)
+                continue
+            await _record(job["id"], Job.Status.CLAIMED, now, claimer)
+            return job
+
+    async def depth(self) -> int:
+        return int(await redis_clients.async_client().llen(QUEUE_KEY))
+
+
+@in_db_thread
+def _record_sync(
+    pk: int, status: str, claimed_at: datetime | None, claimer: str | None
+) -> None:
+    Job.objects.filter(pk=pk).update(
+        status=status,
+        claimed_at=claimed_at,
+        claimed_by=claimer if claimer != "unknown" else None,
+    )
+
+
+async def _record(
+    pk: int, status: str, claimed_at: datetime | None, claimer: str | None
+) -> None:
+    # The pop already handed the job out; the row is only the admin's record,
+    # so a database hiccup must not lose the job on its way to the client.
+    try:
+        await _record_sync(pk, status, claimed_at, claimer)
+    except Exception:
+        logger.exception("could not record job %s as %s", pk, status)
+
+
+@cache
+def _backends() -> dict[str, Queue]:
+    return {"database": DatabaseQueue(), "redis": RedisQueue()}
+
+
+def get_queue() -> Queue:
+    """The queue backend named by ``QUEUE_BACKEND``."""
+    return _backends()[settings.QUEUE_BACKEND]

@@ -1,0 +1,44 @@
+"""One Redis client per process (and per event loop, for the async one)."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from functools import cache
+
+import redis
+import redis.asyncio as aioredis
+from django.conf import settings
+
+_TIMEOUTS = {"socket_connect_timeout": 2, "socket_timeout": 5}
+_async_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, aioredis.Redis
+] = weakref.WeakKeyDictionary()
+
+
+@cache
+def sync_client() -> redis.Redis:
+    """A thread-safe client, for code running in worker threads."""
+    return redis.Redis.from_url(_url(), **_TIMEOUTS)
+
+
+def async_client() -> aioredis.Redis:
+    """A client bound to the running loop (tests run several loops in one process)."""
+    loop = asyncio.get_running_loop()
+    client = _async_clients.get(loop)
+    if client is None:
+        client = aioredis.Redis.from_url(_url(), **_TIMEOUTS)
+        _async_clients[loop] = client
+    return client
+
+
+def _url() -> str:
+    if not settings.REDIS_URL:
+        raise RuntimeError("REDIS_URL is not set, yet a Redis backend was asked for.")
+    return settings.REDIS_URL
+
+
+def forget() -> None:
+    """Drop every client, so the next call connects to the current REDIS_URL."""
+    sync_client.cache_clear()
+    _async_clients.clear()

@@ -1,0 +1,135 @@
+"""The one write path: validate, de-duplicate, store, enqueue, broadcast.
+
+Every job, from the poller or any client, goes through ``publish``. A job is
+either stored and queued, or neither: a failure anywhere before that point
+leaves nothing behind, and the caller answers 503.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from jobs import groups, wakeups
+from jobs.db import in_db_thread
+from jobs.models import Job
+from jobs.payloads import JobDraft
+from jobs.queues import get_queue
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Published:
+    """The stored job as clients see it, and whether this call created it."""
+
+    job: dict[str, Any]
+    created: bool
+
+
+async def publish(draft: JobDraft) -> Published:
+    """Store and queue ``draft`` unless it is a duplicate, then broadcast it."""
+    result = await _store(draft)
+    if result.created:
+        # Both are best effort: the job is safely queued already, and
+        # WebSocket clients recover a missed frame with ``since=``.
+        try:
+            await wakeups.announce()
+        except Exception as exc:
+            logger.warning("could not wake long-polls for job %s: %s", draft.job_id, exc)
+        await broadcast(result.job)
+    return result
+
+
+async def broadcast(job: dict[str, Any]) -> None:
+    """Send a job to the WebSocket groups that want it."""
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    message = {"type": "job.published", "job": job}
+    try:
+        for group in groups.for_job(job):
+            await layer.group_send(group, message)
+    except Exception as exc:
+        logger.warning("could not broadcast job %s: %s", job["id"], exc)
+
+
+@in_db_thread
+def _store(draft: JobDraft) -> Published:
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            original = _find_duplicate(draft, now)
+            if original is not None:
+                return Published(original.to_wire(), created=False)
+            job = Job.objects.create(
+                job_id=draft.job_id,
+                place_id=draft.place_id,
+                channel=draft.channel,
+                source=draft.source,
+                message_id=draft.message_id,
+                title=draft.title,
+                fields=draft.fields,
+                created_at=now,
+                expires_at=now
+                + timedelta(seconds=draft.ttl or settings.JOB_TTL_SECONDS),
+            )
+    except IntegrityError:
+        # Another request stored the same message_id between our look and our
+        # insert; the unique constraint kept one, which is the answer.
+        original = Job.objects.filter(message_id=draft.message_id).first()
+        if original is None:
+            raise
+        return Published(original.to_wire(), created=False)
+    try:
+        get_queue().enqueue(job)
+    except Exception:
+        # Not queued, so not stored either.
+        Job.objects.filter(pk=job.pk).delete()
+        raise
+    return Published(job.to_wire(), created=True)
+
+
+def _find_duplicate(draft: JobDraft, now: datetime) -> Job | None:
+    if draft.message_id is not None:
+        found = Job.objects.filter(message_id=draft.message_id).first()
+        if found is not None:
+            return found
+    window = settings.DEDUP_WINDOW_SECONDS
+    if not window:
+        return None
+    if connection.vendor == "postgresql":
+        # Two requests with one job_id must not both miss each other's insert:
+        # serialise them on the job_id for the rest of this transaction.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [draft.job_id])
+    # SQLite needs no lock: the IMMEDIATE transaction already serialises writers.
+    return (
+        Job.objects.filter(
+            job_id=draft.job_id, created_at__gt=now - timedelta(seconds=window)
+        )
+        .order_by("id")
+        .first()
+    )
+
+
+def requeue(pks: list[int]) -> int:
+    """Put jobs back in the queue with a fresh expiry (the admin's action). Sync."""
+    count = 0
+    for job in Job.objects.filter(pk__in=pks).order_by("id"):
+        job.status = Job.Status.QUEUED
+        job.claimed_at = None
+        job.claimed_by = None
+        job.expires_at = timezone.now() + timedelta(seconds=settings.JOB_TTL_SECONDS)
+        with transaction.atomic():
+            job.save(update_fields=["status", "claimed_at", "claimed_by", "expires_at"])
+            get_queue().enqueue(job)
+        count += 1
+    return count

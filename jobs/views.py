@@ -1,0 +1,131 @@
+"""The HTTP API (contract section 2). Every answer is JSON, errors included."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from functools import wraps
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+
+from jobs import services, wakeups
+from jobs.auth import authenticate, request_ip
+from jobs.health import health_report
+from jobs.payloads import PayloadError, parse_job
+from jobs.queues import get_queue
+from jobs.ratelimits import check_rate_limit
+from jobs.responses import ApiError, json_response
+
+MAX_WAIT_SECONDS = 30
+
+View = Callable[[HttpRequest], Awaitable[HttpResponse]]
+
+
+def signed_endpoint(*methods: str) -> Callable[[View], View]:
+    """Check the signature, then the rate limit, then the method (contract order)."""
+
+    def decorate(view: View) -> View:
+        @wraps(view)
+        async def wrapper(request: HttpRequest) -> HttpResponse:
+            authenticate(request)
+            await check_rate_limit(request, request_ip(request))
+            if request.method not in methods:
+                raise ApiError(
+                    405,
+                    "method_not_allowed",
+                    f"{request.method} is not allowed here; use {', '.join(methods)}.",
+                    headers={"Allow": ", ".join(methods)},
+                )
+            return await view(request)
+
+        return wrapper
+
+    return decorate
+
+
+@signed_endpoint("POST")
+async def post_job(request: HttpRequest) -> HttpResponse:
+    """Publish one job."""
+    content_type = request.content_type or ""
+    if content_type != "application/json":
+        raise ApiError(
+            415, "unsupported_media_type", "The body must be application/json."
+        )
+    declared = request.META.get("CONTENT_LENGTH")
+    if declared and declared.isdigit() and int(declared) > settings.MAX_JOB_BYTES:
+        raise _too_large()
+    body = request.body
+    if len(body) > settings.MAX_JOB_BYTES:
+        raise _too_large()
+    try:
+        draft = parse_job(body)
+    except PayloadError as exc:
+        raise ApiError(400, exc.code, exc.detail) from None
+    result = await services.publish(draft)
+    if result.created:
+        return json_response({"queued": True, "job": result.job}, status=201)
+    return json_response({"queued": False, "duplicate": True, "job": result.job})
+
+
+def _too_large() -> ApiError:
+    return ApiError(
+        413, "too_large", f"The body is over {settings.MAX_JOB_BYTES} bytes."
+    )
+
+
+@signed_endpoint("GET")
+async def next_job(request: HttpRequest) -> HttpResponse:
+    """Claim the oldest job; with ``?wait=S`` hold the request until one arrives."""
+    wait = _wait_seconds(request.GET.get("wait"))
+    queue = get_queue()
+    claimer = request_ip(request)
+    deadline = time.monotonic() + wait
+    signal = wakeups.signal()
+    while True:
+        generation = signal.generation()
+        job = await queue.claim(claimer)
+        if job is not None:
+            return json_response({"job": job})
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not await wakeups.wait(generation, remaining):
+            return _empty()
+        # Several waiters woke for one job; the losers wait again.
+        await asyncio.sleep(0)
+
+
+def _empty() -> HttpResponse:
+    response = HttpResponse(status=204)
+    del response["Content-Type"]  # no body, so no type
+    return response
+
+
+def _wait_seconds(raw: str | None) -> float:
+    if raw is None or raw == "":
+        return 0.0
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait <= MAX_WAIT_SECONDS:
+        raise ApiError(
+            400, "bad_field", f"wait must be a number from 0 to {MAX_WAIT_SECONDS}."
+        )
+    return wait
+
+
+@signed_endpoint("GET")
+async def health(request: HttpRequest) -> HttpResponse:
+    """Queue depth, backends in use and, when known, the poller's state."""
+    return json_response(await health_report())
+
+
+async def healthz(request: HttpRequest) -> HttpResponse:
+    """Unsigned liveness for load balancers; says nothing else."""
+    return json_response({"ok": True})
+
+
+async def not_found(request: HttpRequest, unknown: str = "") -> HttpResponse:
+    """Any path the API does not know: 404, without a signature check."""
+    raise ApiError(404, "not_found", f"No such endpoint: {request.path}")

@@ -1,0 +1,69 @@
+"""A pytest plugin that prepares the environment before Django reads it.
+
+``GATEWAY_TEST_STACK=embedded`` (the default) runs the suite on SQLite and the
+in-memory channel layer. ``GATEWAY_TEST_STACK=services`` first starts a real
+PostgreSQL and a real Redis on free loopback ports and runs the same suite on
+them. Loaded with ``-p tests.stack`` (see pyproject.toml), so it runs before
+pytest-django sets Django up.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from tests.servers import PostgresServer, RedisServer
+
+API_KEY = "test-api-key"
+HMAC_SECRET = "test-hmac-secret"
+
+STACK = os.environ.get("GATEWAY_TEST_STACK", "embedded")
+if STACK not in ("embedded", "services"):
+    raise pytest.UsageError(f"GATEWAY_TEST_STACK must be embedded or services, not {STACK!r}")
+
+_scratch = Path(tempfile.mkdtemp(prefix="gateway-tests-"))
+_servers: list[PostgresServer | RedisServer] = []
+
+# The tests own their configuration: nothing from the developer's shell or an
+# app_settings.json in the checkout leaks in.
+for _name in list(os.environ):
+    if _name in {
+        "DATABASE_URL", "REDIS_URL", "QUEUE_BACKEND", "CHANNEL_LAYER", "DEBUG",
+        "CHANNEL_ID", "DISCORD_TOKEN", "RATE_LIMIT_PER_MINUTE", "TRUSTED_PROXY_COUNT",
+        "WS_REQUIRE_SIGNATURE", "JOB_TTL_SECONDS", "DEDUP_WINDOW_SECONDS",
+    }:
+        del os.environ[_name]
+(_scratch / "settings.json").write_text("{}")
+os.environ.update(
+    {
+        "SETTINGS_FILE": str(_scratch / "settings.json"),
+        "API_KEY": API_KEY,
+        "HMAC_SECRET": HMAC_SECRET,
+        "DJANGO_SECRET_KEY": "test-django-secret-key",
+        "TEST_SQLITE_FILE": str(_scratch / "test.sqlite3"),
+    }
+)
+
+if STACK == "services":
+    for _missing in (PostgresServer.unavailable_reason(), RedisServer.unavailable_reason()):
+        if _missing:
+            raise pytest.UsageError(f"GATEWAY_TEST_STACK=services: {_missing}")
+    _postgres = PostgresServer()
+    _postgres.start()
+    _redis = RedisServer()
+    _redis.start()
+    _servers += [_postgres, _redis]
+    os.environ["DATABASE_URL"] = _postgres.url
+    os.environ["REDIS_URL"] = _redis.url
+
+
+def pytest_report_header() -> str:
+    return f"gateway stack: {STACK}"
+
+
+def pytest_unconfigure() -> None:
+    for server in _servers:
+        server.close()
