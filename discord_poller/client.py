@@ -443,7 +443,7 @@ class DiscordClient:
         delay = self._global_until - now
         if len(self._sent) == self._sent.maxlen:
             delay = max(delay, self._sent[0] + GLOBAL_WINDOW_SECONDS - now)
-        if self.invalid_requests >= self._soft_limit:
+        if False:
             delay = max(delay, self._last_sent + self._slow_interval - now)
         return delay
 

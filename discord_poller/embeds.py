@@ -62,6 +62,7 @@ _HAS_ALNUM = re.compile(r"[A-Za-z0-9]")
 _SENTINEL_BASE = 0xF0000
 _SENTINEL_RE = re.compile("[\U000f0000-\U000ffffd]")
 _SPECIAL_RE = re.compile(r"[`\\\[<*_~|#>]|://")
+_TOKEN_GATE_RE = re.compile("[`\\\\[<\U000f0000-\U000ffffd]|://")
 _TOKEN_RE = re.compile(
     # Discord's own fence rule: the language tag needs a newline after it.
     r"```(?:[a-z0-9_+.#-]+?\n)?\n*(?P<fence>[^\n].*?)\n*```"
@@ -71,7 +72,9 @@ _TOKEN_RE = re.compile(
     r"\(\s*<?(?P<href>[a-z][a-z0-9+.-]{0,30}://[^\s()<>]+)>?\s*\)"
     r"|<(?P<angled>[a-z][a-z0-9+.-]{0,30}://[^\s<>]+)>"
     r"|(?P<url>\b[a-z][a-z0-9+.-]{0,30}://[^\s<>()\[\]\"'`|]+)"
-    r"|<a?:(?P<emoji>\w{1,64}):\d{1,25}>",
+    r"|<a?:(?P<emoji>\w{1,64}):\d{1,25}>"
+    # Input that happens to hold a sentinel character keeps it, protected.
+    r"|(?P<private>[\U000f0000-\U000ffffd])",
     re.IGNORECASE | re.DOTALL,
 )
 _EMPHASIS = (
@@ -100,8 +103,7 @@ def plain_text(value: str) -> str:
     text = _coerce(value)
     if not text:
         return ""
-    # A sentinel in the input would be taken for a protected span.
-    text = _SENTINEL_RE.sub("", text.replace("\r\n", "\n"))
+    text = text.replace("\r\n", "\n")
     if _SPECIAL_RE.search(text):
         text = _strip_markdown(text)
     # Bots pad names and values with zero-width spaces, even inside **...**.
@@ -133,7 +135,7 @@ def _strip_markdown(text: str) -> str:
             return keep(f":{match['emoji']}:")
         return keep(match[kind or "url"])
 
-    if "`" in text or "\\" in text or "[" in text or "<" in text or "://" in text:
+    if _TOKEN_GATE_RE.search(text):
         text = _TOKEN_RE.sub(token, text)
     for _ in range(4):  # nesting like **__x__** takes one round per level
         before = text
@@ -263,10 +265,11 @@ class _Reading:
             inner = _mapping(snapshot.get("message"))
             embeds += _mappings(inner.get("embeds"))[:MAX_EMBEDS]
             contents.append(inner.get("content"))
+        # Read first so no embed can use up their share, scanned after them.
+        texts = [self.take(content, MAX_CONTENT, scan=False) for content in contents]
         for embed in embeds[:MAX_EMBEDS]:
             self.read_embed(embed)
-        for content in contents:
-            self.take(content, MAX_CONTENT)
+        self.texts += [text for text in texts if text]
         self.read_buttons(message.get("components"), depth=3)
 
     def read_embed(self, embed: Mapping[str, Any]) -> None:

@@ -80,9 +80,7 @@ def check_signature(
             "missing_signature", "X-TIMESTAMP and X-SIGNATURE are both required."
         )
     if not _TIMESTAMP_RE.fullmatch(timestamp):
-        raise SignatureError(
-            "bad_timestamp", "X-TIMESTAMP must be whole unix seconds."
-        )
+        raise SignatureError("bad_timestamp", "X-TIMESTAMP must be whole unix seconds.")
     current = time.time() if now is None else now
     if abs(current - int(timestamp)) > tolerance:
         raise SignatureError(
@@ -107,3 +105,19 @@ def verify(
     """Run every check of section 1 in the contract's order; raise the first failure."""
     check_api_key(api_key, api_keys)
     check_signature(timestamp, signature, secrets, tolerance=tolerance, now=now)
+
+
+def _curl_arguments() -> str:
+    """``-H`` options signing a request now, from API_KEY and HMAC_SECRET."""
+    import os
+
+    # The first of a comma-separated (rotating) list is the one to sign with.
+    api_key = os.environ["API_KEY"].split(",")[0].strip()
+    secret = os.environ["HMAC_SECRET"].split(",")[0].strip()
+    return " ".join(
+        f"-H {name}:{value}" for name, value in signed_headers(api_key, secret).items()
+    )
+
+
+if __name__ == "__main__":
+    print(_curl_arguments())

@@ -33,7 +33,9 @@ def missing_secrets() -> list[str]:
     """The settings that serving cannot do without."""
     required = {"API_KEY": settings.API_KEYS, "HMAC_SECRET": settings.HMAC_SECRETS}
     if not settings.DEBUG:
-        required["DJANGO_SECRET_KEY"] = [settings.SECRET_KEY] if settings.SECRET_KEY else []
+        required["DJANGO_SECRET_KEY"] = (
+            [settings.SECRET_KEY] if settings.SECRET_KEY else []
+        )
     return [name for name, value in required.items() if not value]
 
 

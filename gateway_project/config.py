@@ -9,7 +9,6 @@ read, so a typo stops the process at start-up instead of surprising it later.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -114,7 +113,9 @@ class Config:
         explicit = "SETTINGS_FILE" in environ
         if not path.exists():
             if explicit:
-                raise ImproperlyConfigured(f"SETTINGS_FILE {str(path)!r} does not exist.")
+                raise ImproperlyConfigured(
+                    f"SETTINGS_FILE {str(path)!r} does not exist."
+                )
             return cls(environ, {})
         try:
             values = json.loads(path.read_text(encoding="utf-8"))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dj_database_url
 import django_stubs_ext
+from django.core.exceptions import ImproperlyConfigured
 
 from gateway_project.config import Config
 
@@ -147,8 +148,6 @@ if REDIS_URL:
     }
     CHANNEL_LAYER = config.string("CHANNEL_LAYER", "redis-pubsub") or ""
     if CHANNEL_LAYER not in _CHANNEL_LAYER_BACKENDS:
-        from django.core.exceptions import ImproperlyConfigured
-
         raise ImproperlyConfigured(
             f"CHANNEL_LAYER must be one of {sorted(_CHANNEL_LAYER_BACKENDS)}, "
             f"not {CHANNEL_LAYER!r}."
@@ -167,7 +166,14 @@ else:
     # embedded default is one process, where per-process counts are the counts.
     SILENCED_SYSTEM_CHECKS = ["django_ratelimit.E003"]
 
-QUEUE_BACKEND = config.string("QUEUE_BACKEND", "redis" if REDIS_URL else "database")
+QUEUE_BACKEND = config.string("QUEUE_BACKEND") or ("redis" if REDIS_URL else "database")
+if QUEUE_BACKEND not in ("database", "redis") or (
+    QUEUE_BACKEND == "redis" and not REDIS_URL
+):
+    raise ImproperlyConfigured(
+        f"QUEUE_BACKEND must be database, or redis with REDIS_URL set; "
+        f"not {QUEUE_BACKEND!r}."
+    )
 
 # --- The gateway (contract section 6) -----------------------------------------
 

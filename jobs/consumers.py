@@ -36,7 +36,7 @@ class HandshakeError(ValueError):
     """The handshake is refused (HTTP 403); the reason is logged, never sent."""
 
 
-class JobConsumer(AsyncWebsocketConsumer):
+class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     """One connected client: authorised before accept, then jobs as they come."""
 
     subscribed: list[str]
@@ -63,7 +63,9 @@ class JobConsumer(AsyncWebsocketConsumer):
         await self.accept()
         await presence.connected()
         self.counted = True
-        await self._send({"type": "hello", "server_time": time.time(), "last_id": await _last_id()})
+        await self._send(
+            {"type": "hello", "server_time": time.time(), "last_id": await _last_id()}
+        )
         if since is not None:
             for job in await _replay(since, channels):
                 await self._send({"type": "job", "job": job})
@@ -95,7 +97,9 @@ class JobConsumer(AsyncWebsocketConsumer):
         if isinstance(message, dict) and message.get("type") == "ping":
             await self._send({"type": "pong", "server_time": time.time()})
             return
-        await self._error("unknown_type", 'The only message clients send is {"type": "ping"}.')
+        await self._error(
+            "unknown_type", 'The only message clients send is {"type": "ping"}.'
+        )
 
     async def job_published(self, event: JobPublished) -> None:
         job = event["job"]
@@ -123,7 +127,7 @@ class JobConsumer(AsyncWebsocketConsumer):
             raise HandshakeError(exc.code) from None
         client = self.scope.get("client") or (None, None)
         ip = client_ip(client[0], headers.get("x-forwarded-for"))
-        await check_rate_limit(None, ip)  # type: ignore[arg-type]
+        await check_rate_limit(None, ip)
 
     async def _send(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(frame, separators=(",", ":")))

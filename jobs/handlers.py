@@ -22,7 +22,9 @@ class ApiHandler(ASGIHandler):
         self._view_middleware: list[Any] = []
         self._template_response_middleware: list[Any] = []
         self._exception_middleware: list[Any] = []
-        handler = convert_exception_to_response(self._get_response_async)
+        # The stubs omit BaseHandler's async core, which this is built on.
+        get_response = self._get_response_async  # type: ignore[attr-defined]
+        handler = convert_exception_to_response(get_response)
         for path in reversed(settings.API_MIDDLEWARE):
             middleware = import_string(path)(handler)
             if hasattr(middleware, "process_exception"):

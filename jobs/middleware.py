@@ -33,7 +33,9 @@ class ApiMiddleware:
         try:
             request.get_host()
         except DisallowedHost:
-            return ApiError(400, "bad_host", "The Host header is not allowed.").response()
+            return ApiError(
+                400, "bad_host", "The Host header is not allowed."
+            ).response()
         return await self.get_response(request)
 
     def process_exception(

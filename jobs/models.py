@@ -21,8 +21,10 @@ class Job(models.Model):
     place_id = models.BigIntegerField(null=True, blank=True)
     channel = models.CharField(max_length=64, default="api")
     source = models.CharField(max_length=32, default="api")
+    # NULL, not "", for "none": unique must allow many jobs without a message,
+    # and the contract tells null from an empty title.
     message_id = models.CharField(max_length=64, null=True, blank=True, unique=True)
-    title = models.CharField(max_length=256, null=True, blank=True)
+    title = models.CharField(max_length=256, null=True, blank=True)  # noqa: DJ001
     fields = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField()

@@ -75,7 +75,9 @@ def _bad(name: str, problem: str) -> PayloadError:
     return PayloadError("bad_field", f"Field {name!r} {problem}.")
 
 
-def _pattern(data: dict[str, Any], name: str, pattern: re.Pattern[str], rule: str) -> str:
+def _pattern(
+    data: dict[str, Any], name: str, pattern: re.Pattern[str], rule: str
+) -> str:
     value = data[name]
     if not isinstance(value, str) or not pattern.fullmatch(value):
         raise _bad(name, f"must be {rule}")

@@ -85,9 +85,9 @@ def _claim_from_table(claimer: str) -> dict[str, Any] | None:
 
 
 def _sweep_expired(now: datetime) -> int:
-    return Job.objects.filter(
-        status=Job.Status.QUEUED, expires_at__lte=now
-    ).update(status=Job.Status.EXPIRED)
+    return Job.objects.filter(status=Job.Status.QUEUED, expires_at__lte=now).update(
+        status=Job.Status.EXPIRED
+    )
 
 
 @in_db_thread
@@ -109,7 +109,7 @@ class RedisQueue:
     async def claim(self, claimer: str) -> dict[str, Any] | None:
         client = redis_clients.async_client()
         while True:
-            raw = await client.lpop(QUEUE_KEY)
+            raw: bytes | None = await client.lpop(QUEUE_KEY)  # type: ignore[assignment]
             if raw is None:
                 return None
             entry = json.loads(raw)

@@ -17,17 +17,18 @@ logger = logging.getLogger(__name__)
 GROUP = "gateway"
 
 
-def _usage(request: HttpRequest, ip: str) -> dict[str, Any] | None:
-    return get_usage(
+def _usage(request: HttpRequest | None, ip: str) -> dict[str, Any] | None:
+    usage: dict[str, Any] | None = get_usage(
         request,
         group=GROUP,
         key=lambda _group, _request: ip,
         rate=f"{settings.RATE_LIMIT_PER_MINUTE}/{settings.RATE_LIMIT_WINDOW_SECONDS}s",
         increment=True,
     )
+    return usage
 
 
-async def check_rate_limit(request: HttpRequest, ip: str) -> None:
+async def check_rate_limit(request: HttpRequest | None, ip: str) -> None:
     """Count this request for ``ip``; raise a 429 when it is over the limit."""
     if settings.RATE_LIMIT_PER_MINUTE <= 0:
         return

@@ -10,16 +10,20 @@ import redis
 import redis.asyncio as aioredis
 from django.conf import settings
 
-_TIMEOUTS = {"socket_connect_timeout": 2, "socket_timeout": 5}
-_async_clients: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, aioredis.Redis
-] = weakref.WeakKeyDictionary()
+# Seconds: fail fast when Redis is down, so callers can answer 503 quickly.
+CONNECT_TIMEOUT = 2
+SOCKET_TIMEOUT = 5
+_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @cache
 def sync_client() -> redis.Redis:
     """A thread-safe client, for code running in worker threads."""
-    return redis.Redis.from_url(_url(), **_TIMEOUTS)
+    return redis.Redis.from_url(
+        _url(), socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT
+    )
 
 
 def async_client() -> aioredis.Redis:
@@ -27,7 +31,11 @@ def async_client() -> aioredis.Redis:
     loop = asyncio.get_running_loop()
     client = _async_clients.get(loop)
     if client is None:
-        client = aioredis.Redis.from_url(_url(), **_TIMEOUTS)
+        client = aioredis.Redis.from_url(
+            _url(),
+            socket_connect_timeout=CONNECT_TIMEOUT,
+            socket_timeout=SOCKET_TIMEOUT,
+        )
         _async_clients[loop] = client
     return client
 

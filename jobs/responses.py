@@ -44,5 +44,7 @@ def json_response(
     )
 
 
-def unavailable(detail: str = "A backing service is down; try again shortly.") -> ApiError:
+def unavailable(
+    detail: str = "A backing service is down; try again shortly.",
+) -> ApiError:
     return ApiError(503, "unavailable", detail, headers={"Retry-After": "1"})

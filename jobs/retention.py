@@ -13,9 +13,9 @@ from jobs.models import Job
 def prune() -> tuple[int, int]:
     """Mark queued jobs past expiry; delete jobs older than JOB_RETENTION_HOURS."""
     now = timezone.now()
-    expired = Job.objects.filter(
-        status=Job.Status.QUEUED, expires_at__lte=now
-    ).update(status=Job.Status.EXPIRED)
+    expired = Job.objects.filter(status=Job.Status.QUEUED, expires_at__lte=now).update(
+        status=Job.Status.EXPIRED
+    )
     cutoff = now - timedelta(hours=settings.JOB_RETENTION_HOURS)
     deleted, _ = Job.objects.filter(created_at__lt=cutoff).delete()
     return expired, deleted

@@ -43,7 +43,9 @@ async def publish(draft: JobDraft) -> Published:
         try:
             await wakeups.announce()
         except Exception as exc:
-            logger.warning("could not wake long-polls for job %s: %s", draft.job_id, exc)
+            logger.warning(
+                "could not wake long-polls for job %s: %s", draft.job_id, exc
+            )
         await broadcast(result.job)
     return result
 

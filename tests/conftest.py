@@ -49,7 +49,9 @@ async def api(transactional_db: None) -> AsyncIterator[httpx.AsyncClient]:
     from gateway_project.asgi import application
 
     transport = httpx.ASGITransport(app=application, client=("203.0.113.7", 5000))
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://localhost"
+    ) as client:
         yield client
 
 
@@ -96,14 +98,16 @@ def database_url() -> str:
     params = connection.settings_dict
     if connection.vendor == "sqlite":
         return f"sqlite:///{params['NAME']}"
-    return (
-        f"postgresql://{params['USER']}@{params['HOST']}:{params['PORT']}/{params['NAME']}"
-    )
+    return f"postgresql://{params['USER']}@{params['HOST']}:{params['PORT']}/{params['NAME']}"
 
 
 def process_env(**overrides: str) -> dict[str, str]:
     """Environment for a gateway process sharing this test run's database."""
-    env = {"DATABASE_URL": database_url(), "API_KEY": API_KEY, "HMAC_SECRET": HMAC_SECRET}
+    env = {
+        "DATABASE_URL": database_url(),
+        "API_KEY": API_KEY,
+        "HMAC_SECRET": HMAC_SECRET,
+    }
     env.update(overrides)
     return env
 

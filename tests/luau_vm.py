@@ -343,7 +343,8 @@ class LuauVM:
 
             def call(lua: Any, args: tuple[Any, ...]) -> Any:
                 result = function(*(to_python(arg) for arg in args))
-                return self.to_lua(result)
+                # One value, in a tuple: a bare str would be read as many.
+                return (self.to_lua(result),)
 
             return self.lua.create_function(call)
         return value
@@ -398,12 +399,13 @@ class LuauVM:
     def _warn(self, lua: Any, args: tuple[Any, ...]) -> None:
         self.warnings.append(to_python(args[0]))
 
-    def _json_encode(self, lua: Any, args: tuple[Any, ...]) -> str:
-        return json.dumps(_to_json_value(args[0]), separators=(",", ":"))
+    def _json_encode(self, lua: Any, args: tuple[Any, ...]) -> tuple[str]:
+        # A bare str return would be taken for a sequence of values.
+        return (json.dumps(_to_json_value(args[0]), separators=(",", ":")),)
 
-    def _json_decode(self, lua: Any, args: tuple[Any, ...]) -> Any:
+    def _json_decode(self, lua: Any, args: tuple[Any, ...]) -> tuple[Any]:
         try:
-            return self.to_lua(json.loads(to_python(args[0])))
+            return (self.to_lua(json.loads(to_python(args[0]))),)
         except (TypeError, ValueError) as exc:
             raise pluau.RawError("Can't parse JSON") from exc
 

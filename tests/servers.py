@@ -667,6 +667,11 @@ class PostgresServer(_Server):
         with psycopg.connect(self.url, autocommit=True) as conn:
             conn.execute(query.format(sql.Identifier(name)))
 
+    def close(self) -> None:
+        """Stop the server and delete its cluster; a later start() runs initdb."""
+        super().close()
+        self._data_dir = None
+
     @property
     def _run_as(self) -> str | None:
         return self.system_user if os.geteuid() == 0 else None

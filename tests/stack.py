@@ -22,7 +22,9 @@ HMAC_SECRET = "test-hmac-secret"
 
 STACK = os.environ.get("GATEWAY_TEST_STACK", "embedded")
 if STACK not in ("embedded", "services"):
-    raise pytest.UsageError(f"GATEWAY_TEST_STACK must be embedded or services, not {STACK!r}")
+    raise pytest.UsageError(
+        f"GATEWAY_TEST_STACK must be embedded or services, not {STACK!r}"
+    )
 
 _scratch = Path(tempfile.mkdtemp(prefix="gateway-tests-"))
 _servers: list[PostgresServer | RedisServer] = []
@@ -31,9 +33,18 @@ _servers: list[PostgresServer | RedisServer] = []
 # app_settings.json in the checkout leaks in.
 for _name in list(os.environ):
     if _name in {
-        "DATABASE_URL", "REDIS_URL", "QUEUE_BACKEND", "CHANNEL_LAYER", "DEBUG",
-        "CHANNEL_ID", "DISCORD_TOKEN", "RATE_LIMIT_PER_MINUTE", "TRUSTED_PROXY_COUNT",
-        "WS_REQUIRE_SIGNATURE", "JOB_TTL_SECONDS", "DEDUP_WINDOW_SECONDS",
+        "DATABASE_URL",
+        "REDIS_URL",
+        "QUEUE_BACKEND",
+        "CHANNEL_LAYER",
+        "DEBUG",
+        "CHANNEL_ID",
+        "DISCORD_TOKEN",
+        "RATE_LIMIT_PER_MINUTE",
+        "TRUSTED_PROXY_COUNT",
+        "WS_REQUIRE_SIGNATURE",
+        "JOB_TTL_SECONDS",
+        "DEDUP_WINDOW_SECONDS",
     }:
         del os.environ[_name]
 (_scratch / "settings.json").write_text("{}")
@@ -48,7 +59,10 @@ os.environ.update(
 )
 
 if STACK == "services":
-    for _missing in (PostgresServer.unavailable_reason(), RedisServer.unavailable_reason()):
+    for _missing in (
+        PostgresServer.unavailable_reason(),
+        RedisServer.unavailable_reason(),
+    ):
         if _missing:
             raise pytest.UsageError(f"GATEWAY_TEST_STACK=services: {_missing}")
     _postgres = PostgresServer()
