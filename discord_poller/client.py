@@ -114,6 +114,15 @@ class ClientStats:
 
 
 @dataclass(frozen=True)
+class BucketState:
+    """A channel's rate-limit bucket as last seen, to spread polls evenly."""
+
+    limit: int | None  # None until Discord has answered
+    remaining: int | None  # requests left in the window
+    reset_in: float | None  # seconds until the window ends; None when unknown
+
+
+@dataclass(frozen=True)
 class _Headers:
     """The rate-limit headers of one answer."""
 
@@ -196,6 +205,7 @@ class _Bucket:
         elif info.reset >= self.window - _SAME_WINDOW and not math.isinf(self.reset_at):
             # Answers can overtake each other; the lowest count is the latest.
             self.remaining = min(self.remaining or 0, estimate)
+            self.reset_at = max(self.reset_at, now + info.reset_after)
         # Otherwise the answer belongs to a window that has already ended.
 
     def notify(self) -> None:
@@ -229,7 +239,8 @@ class DiscordClient:
             raise ValueError("the Discord token is empty or spans several lines")
         if not user_agent.startswith("DiscordBot ("):
             raise ValueError('user_agent must read "DiscordBot (url, version)"')
-        self._secrets = {token, token.split()[-1]}
+        # Scrubbed from any text of Discord's that ends up in an exception.
+        self._secrets = {token, *(p for p in token.split() if len(p) >= 8)}
         self._api_base = api_base.rstrip("/")
         self._clock = clock
         self._max_retries = max_retries
@@ -319,6 +330,18 @@ class DiscordClient:
             self._banned_until - now, self._client_delay(now), bucket_delay or 0.0, 0.0
         )
 
+    def bucket_state(self, channel_id: str) -> BucketState:
+        """What the channel's bucket allows now, as far as the client knows."""
+        bucket = self._buckets.get(self._key(_MESSAGES_ROUTE, channel_id))
+        if bucket is None or bucket.remaining is None:
+            return BucketState(None, None, None)
+        now = self._clock()
+        if math.isinf(bucket.reset_at):
+            return BucketState(bucket.limit, bucket.remaining, None)
+        if now >= bucket.reset_at:
+            return BucketState(bucket.limit, bucket.limit, 0.0)
+        return BucketState(bucket.limit, bucket.remaining, bucket.reset_at - now)
+
     # --- Requests -----------------------------------------------------------
 
     async def _get_json(
@@ -387,7 +410,9 @@ class DiscordClient:
             return
         key = (info.bucket, major)
         if self._bucket_keys.get((route, major)) != key:
-            self._buckets.pop(self._key(route, major), None)
+            old = self._key(route, major)
+            if self._buckets.get(old) is bucket:
+                del self._buckets[old]
             self._bucket_keys[(route, major)] = key
         shared = self._buckets.setdefault(key, bucket)
         if shared is bucket:
@@ -443,7 +468,7 @@ class DiscordClient:
         delay = self._global_until - now
         if len(self._sent) == self._sent.maxlen:
             delay = max(delay, self._sent[0] + GLOBAL_WINDOW_SECONDS - now)
-        if False:
+        if self.invalid_requests >= self._soft_limit:
             delay = max(delay, self._last_sent + self._slow_interval - now)
         return delay
 

@@ -12,9 +12,14 @@ Where the job id comes from, first match wins:
 3. a ``TeleportToPlaceInstance(place, "id", ...)`` join script;
 4. a bare GUID.
 
-Steps 2-4 scan each embed's description, field values, url, title, author and
-footer in turn, then the message content, forwarded snapshots and link
-buttons. Placeholder values ("None", "Hidden", the all-zero GUID) are no id.
+Steps 2-4 scan each embed's title, description, field values, url, author and
+footer in turn, then the message content (and a forwarded message's), then
+link buttons. Placeholder values ("None", "Hidden", the all-zero GUID) are no
+id. The place id comes from a ``Place ID`` field, else from the link or script
+that gave the job id, else from the first link or script that has one.
+
+Field names keep their emoji; only markdown goes. When a name repeats, an
+empty value never replaces a value, and a different one is kept as "Name (2)".
 """
 
 from __future__ import annotations

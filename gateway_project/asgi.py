@@ -10,15 +10,35 @@ import os
 import sys
 from typing import Any
 
+from django.conf import settings
 from django.core.asgi import get_asgi_application
+from django.core.exceptions import ImproperlyConfigured
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway_project.settings")
 
-# Django is set up first: consumers import models.
+
+def missing_secrets() -> list[str]:
+    """The settings that serving cannot do without."""
+    required = {"API_KEY": settings.API_KEYS, "HMAC_SECRET": settings.HMAC_SECRETS}
+    if not settings.DEBUG:
+        try:
+            secret_key = settings.SECRET_KEY
+        except ImproperlyConfigured:  # Django refuses to even read an empty one
+            secret_key = ""
+        required["DJANGO_SECRET_KEY"] = [secret_key] if secret_key else []
+    return [name for name, value in required.items() if not value]
+
+
+# Serving without the secrets would admit nobody, or anybody: refuse in one line,
+# before Django's set-up can print anything else. (migrate, createsuperuser and
+# the like never import this module.)
+if _missing := missing_secrets():
+    sys.exit(f"Refusing to serve: {', '.join(_missing)} not set.")
+
+# Django is set up next: consumers import models.
 django_application = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from django.conf import settings  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from jobs.consumers import JobConsumer  # noqa: E402
@@ -27,16 +47,6 @@ from jobs.handlers import ApiHandler  # noqa: E402
 Scope = dict[str, Any]
 
 _FULL_STACK_PREFIXES = ("/admin/", "/" + settings.STATIC_URL.lstrip("/"))
-
-
-def missing_secrets() -> list[str]:
-    """The settings that serving cannot do without."""
-    required = {"API_KEY": settings.API_KEYS, "HMAC_SECRET": settings.HMAC_SECRETS}
-    if not settings.DEBUG:
-        required["DJANGO_SECRET_KEY"] = (
-            [settings.SECRET_KEY] if settings.SECRET_KEY else []
-        )
-    return [name for name, value in required.items() if not value]
 
 
 def _http_router(api: Any, full_stack: Any) -> Any:
@@ -57,8 +67,3 @@ application = ProtocolTypeRouter(
         "websocket": URLRouter([path("ws", JobConsumer.as_asgi())]),
     }
 )
-
-# Serving without the secrets would admit nobody, or anybody: refuse in one line.
-# (migrate, createsuperuser and the like never import this module.)
-if _missing := missing_secrets():
-    sys.exit(f"Refusing to serve: {', '.join(_missing)} not set.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any, Literal, TypedDict
 from urllib.parse import parse_qs
@@ -25,11 +26,47 @@ logger = logging.getLogger(__name__)
 
 # Clients only ever send pings; anything bigger is a mistake or an attack.
 MAX_CLIENT_FRAME = 4096
+# Each listed channel is a group to join: a long list is work for nothing.
+MAX_CHANNELS = 50
+# Replay reads the store this many jobs at a time, so a reconnect after a long
+# absence never holds every unexpired job in memory at once.
+REPLAY_BATCH = 500
+# Only jobs published while the client connected can arrive live after their
+# replay, and those are the newest replayed ones: remembering this many bounds
+# the de-duplication memory of a long replay.
+REPLAY_MEMORY = 1000
+
+_SINCE_RE = re.compile(r"[0-9]{1,18}")
 
 
 class JobPublished(TypedDict):
     type: Literal["job.published"]
     job: dict[str, Any]
+
+
+class HelloFrame(TypedDict):
+    type: Literal["hello"]
+    server_time: float
+    last_id: int | None
+
+
+class JobFrame(TypedDict):
+    type: Literal["job"]
+    job: dict[str, Any]
+
+
+class PongFrame(TypedDict):
+    type: Literal["pong"]
+    server_time: float
+
+
+class ErrorFrame(TypedDict):
+    type: Literal["error"]
+    error: str
+    detail: str
+
+
+Frame = HelloFrame | JobFrame | PongFrame | ErrorFrame
 
 
 class HandshakeError(ValueError):
@@ -40,11 +77,19 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     """One connected client: authorised before accept, then jobs as they come."""
 
     subscribed: list[str]
-    replayed_up_to: int
+    counted: bool
+    # Ids sent by the replay, so that their live frames are not sent twice. Ids
+    # are not a commit order (PostgreSQL hands them out before commit), so a
+    # live job older than the newest replayed one may still be new: hence a set
+    # rather than a high-water mark. At or below replay_floor: all replayed.
+    replayed: set[int]
+    replay_floor: int
 
     async def connect(self) -> None:
         self.subscribed = []
-        self.replayed_up_to = 0
+        self.counted = False
+        self.replayed = set()
+        self.replay_floor = 0
         try:
             query = _query(self.scope)
             await self._authorise(query)
@@ -57,24 +102,23 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             return
         self.subscribed = [groups.for_channel(c) for c in channels] or [groups.ALL_JOBS]
         # Join first, then read the store: a job published meanwhile is then in
-        # the replay, in the live stream, or both, never in neither.
+        # the replay, in the live stream, or both, never in neither. Live frames
+        # wait in the channel layer until connect() returns, after the replay.
         for group in self.subscribed:
             await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
-        await presence.connected()
         self.counted = True
+        await presence.connected()
         await self._send(
             {"type": "hello", "server_time": time.time(), "last_id": await _last_id()}
         )
         if since is not None:
-            for job in await _replay(since, channels):
-                await self._send({"type": "job", "job": job})
-                self.replayed_up_to = job["id"]
+            await self._replay(since, channels)
 
     async def disconnect(self, code: int) -> None:
         for group in self.subscribed:
             await self.channel_layer.group_discard(group, self.channel_name)
-        if getattr(self, "counted", False):
+        if self.counted:
             self.counted = False
             await presence.disconnected()
 
@@ -84,7 +128,7 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         if text_data is None:
             await self._error("bad_frame", "Send JSON text frames, not binary.")
             return
-        if len(text_data) > MAX_CLIENT_FRAME:
+        if len(text_data.encode()) > MAX_CLIENT_FRAME:
             await self._error(
                 "too_large", f"Frames are limited to {MAX_CLIENT_FRAME} bytes."
             )
@@ -103,9 +147,31 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
 
     async def job_published(self, event: JobPublished) -> None:
         job = event["job"]
-        if job["id"] <= self.replayed_up_to:
-            return  # already sent by the replay
+        job_id = job["id"]
+        if job_id <= self.replay_floor:
+            return  # replayed, or too old to be in flight
+        if job_id in self.replayed:
+            self.replayed.discard(job_id)  # each job arrives live at most once
+            return
         await self._send({"type": "job", "job": job})
+
+    async def _replay(self, since: int, channels: list[str]) -> None:
+        cursor = since
+        while True:
+            batch = await _replay_batch(cursor, channels)
+            for job in batch:
+                await self._send({"type": "job", "job": job})
+            self._remember([job["id"] for job in batch])
+            if len(batch) < REPLAY_BATCH:
+                return
+            cursor = batch[-1]["id"]
+
+    def _remember(self, ids: list[int]) -> None:
+        self.replayed.update(ids)
+        if len(self.replayed) > 2 * REPLAY_MEMORY:
+            kept = sorted(self.replayed)[-REPLAY_MEMORY:]
+            self.replay_floor = kept[0] - 1
+            self.replayed = set(kept)
 
     async def _authorise(self, query: dict[str, str]) -> None:
         headers = {
@@ -129,7 +195,7 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         ip = client_ip(client[0], headers.get("x-forwarded-for"))
         await check_rate_limit(None, ip)
 
-    async def _send(self, frame: dict[str, Any]) -> None:
+    async def _send(self, frame: Frame) -> None:
         await self.send(text_data=json.dumps(frame, separators=(",", ":")))
 
     async def _error(self, code: str, detail: str) -> None:
@@ -139,7 +205,10 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
 def _query(scope: dict[str, Any]) -> dict[str, str]:
     raw = scope.get("query_string", b"").decode("latin-1")
     try:
-        parsed = parse_qs(raw, strict_parsing=bool(raw), max_num_fields=20)
+        # Blank values kept: "since=" is malformed, not absent.
+        parsed = parse_qs(
+            raw, keep_blank_values=True, strict_parsing=bool(raw), max_num_fields=20
+        )
     except ValueError:
         raise HandshakeError("malformed query string") from None
     return {name: values[-1] for name, values in parsed.items()}
@@ -149,7 +218,8 @@ def _since(query: dict[str, str]) -> int | None:
     raw = query.get("since")
     if raw is None:
         return None
-    if not raw.isdigit() or len(raw) > 18:
+    # ASCII only: str.isdigit() also accepts "²", which int() refuses.
+    if not _SINCE_RE.fullmatch(raw):
         raise HandshakeError("since must be a job id")
     return int(raw)
 
@@ -159,8 +229,12 @@ def _channels(query: dict[str, str]) -> list[str]:
     if raw is None:
         return []
     channels = [c.strip() for c in raw.split(",")]
-    if not channels or not all(CHANNEL_RE.fullmatch(c) for c in channels):
-        raise HandshakeError("channels must be a comma-separated list of channel ids")
+    if len(channels) > MAX_CHANNELS or not all(
+        CHANNEL_RE.fullmatch(c) for c in channels
+    ):
+        raise HandshakeError(
+            f"channels must be a comma-separated list of at most {MAX_CHANNELS} ids"
+        )
     return sorted(set(channels))
 
 
@@ -170,9 +244,9 @@ def _last_id() -> int | None:
 
 
 @in_db_thread
-def _replay(since: int, channels: list[str]) -> list[dict[str, Any]]:
-    # Bounded by design: only unexpired jobs, and those live minutes.
-    jobs = Job.objects.filter(id__gt=since, expires_at__gt=timezone.now())
+def _replay_batch(after: int, channels: list[str]) -> list[dict[str, Any]]:
+    # Bounded by design: only unexpired jobs, and a batch of them at a time.
+    jobs = Job.objects.filter(id__gt=after, expires_at__gt=timezone.now())
     if channels:
         jobs = jobs.filter(channel__in=channels)
-    return [job.to_wire() for job in jobs.order_by("id")]
+    return [job.to_wire() for job in jobs.order_by("id")[:REPLAY_BATCH]]

@@ -6,6 +6,7 @@ from typing import Any
 
 from django.conf import settings
 
+from jobs import presence, wakeups
 from jobs.queues import get_queue
 
 
@@ -14,7 +15,17 @@ async def health_report() -> dict[str, Any]:
     return {
         "ok": True,
         "headless_mode": settings.HEADLESS_MODE,
-        "queue": {"backend": queue.name, "depth": await queue.depth()},
+        "queue": {
+            "backend": queue.name,
+            "depth": await queue.depth(),
+            "long_polls_waiting": wakeups.waiting(),
+        },
+        # "total" sums every replica's count (through Redis); null when Redis
+        # cannot be read.
+        "websocket_clients": {
+            "process": presence.local_count(),
+            "total": await presence.total_count(),
+        },
         "channel_layer": settings.CHANNEL_LAYER,
         "database": settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1],
     }

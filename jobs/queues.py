@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from datetime import datetime
 from functools import cache
 from typing import Any, Protocol
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from jobs import redis_clients
@@ -56,36 +58,62 @@ class DatabaseQueue:
         return await _count_queued()
 
 
+# One statement claims the oldest unexpired queued job: atomic on its own, so
+# no transaction is held open between a SELECT and an UPDATE. On PostgreSQL
+# SKIP LOCKED lets concurrent claimers pass each other instead of queueing.
+_CLAIM_SQL = """
+UPDATE jobs_job SET status = %s, claimed_at = %s, claimed_by = %s
+WHERE id = (
+    SELECT id FROM jobs_job
+    WHERE status = %s AND expires_at > %s
+    ORDER BY id LIMIT 1 {lock}
+)
+RETURNING *
+"""
+SWEEP_INTERVAL_SECONDS = 1.0
+
+# SQLite has one writer at a time. Threads of this process wait for it on a
+# mutex, which wakes them at once, rather than in SQLite's busy handler,
+# which sleeps for up to 100 ms between tries.
+_sqlite_writer = threading.Lock()
+_last_sweep = 0.0
+
+
 @in_db_thread
 def _claim_from_table(claimer: str) -> dict[str, Any] | None:
-    # A lock-free look first: on an empty queue no write lock is ever taken.
-    if not Job.objects.filter(status=Job.Status.QUEUED).exists():
-        return None
-    while True:
-        now = timezone.now()
-        with transaction.atomic():
-            # SKIP LOCKED on PostgreSQL lets concurrent claimers pass each other;
-            # SQLite's IMMEDIATE transaction serialises them instead.
-            job = (
-                Job.objects.select_for_update(skip_locked=True)
-                .filter(status=Job.Status.QUEUED)
-                .order_by("id")
-                .first()
-            )
-            if job is None:
-                return None
-            if job.expires_at <= now:
-                _sweep_expired(now)
-                continue
-            job.status = Job.Status.CLAIMED
-            job.claimed_at = now
-            job.claimed_by = claimer if claimer != "unknown" else None
-            job.save(update_fields=["status", "claimed_at", "claimed_by"])
-            return job.to_wire()
+    now = timezone.now()
+    _sweep_now_and_then(now)
+    if connection.vendor == "sqlite":
+        # A lock-free look first: an empty queue never waits for the writer.
+        if not Job.objects.filter(status=Job.Status.QUEUED).exists():
+            return None
+        with _sqlite_writer:
+            return _claim_one(now, claimer, lock="")
+    return _claim_one(now, claimer, lock="FOR UPDATE SKIP LOCKED")
 
 
-def _sweep_expired(now: datetime) -> int:
-    return Job.objects.filter(status=Job.Status.QUEUED, expires_at__lte=now).update(
+def _claim_one(now: datetime, claimer: str, lock: str) -> dict[str, Any] | None:
+    params = [
+        Job.Status.CLAIMED,
+        now,
+        claimer if claimer != "unknown" else None,
+        Job.Status.QUEUED,
+        now,
+    ]
+    with transaction.atomic():
+        claimed = list(Job.objects.raw(_CLAIM_SQL.format(lock=lock), params))
+    return claimed[0].to_wire() if claimed else None
+
+
+def _sweep_now_and_then(now: datetime) -> None:
+    # Expired jobs left "queued" would be skipped by every claim; marking them
+    # now and then keeps the claim's index scan short.
+    global _last_sweep
+    tick = time.monotonic()
+    if tick - _last_sweep < SWEEP_INTERVAL_SECONDS:
+        return
+    _last_sweep = tick
+    Job.objects.filter(status=Job.Status.QUEUED, expires_at__lte=now).update(
         status=Job.Status.EXPIRED
     )
 

@@ -9,6 +9,7 @@ from functools import wraps
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
 
 from jobs import services, wakeups
@@ -57,7 +58,11 @@ async def post_job(request: HttpRequest) -> HttpResponse:
     declared = request.META.get("CONTENT_LENGTH")
     if declared and declared.isdigit() and int(declared) > settings.MAX_JOB_BYTES:
         raise _too_large()
-    body = request.body
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        # A body with no Content-Length (chunked) that is past even Django's cap.
+        raise _too_large() from None
     if len(body) > settings.MAX_JOB_BYTES:
         raise _too_large()
     try:
@@ -124,6 +129,13 @@ async def health(request: HttpRequest) -> HttpResponse:
 
 async def healthz(request: HttpRequest) -> HttpResponse:
     """Unsigned liveness for load balancers; says nothing else."""
+    if request.method not in ("GET", "HEAD"):
+        raise ApiError(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not allowed here; use GET.",
+            headers={"Allow": "GET, HEAD"},
+        )
     return json_response({"ok": True})
 
 

@@ -8,7 +8,6 @@ signal, so a ``GET /job/next?wait=`` held by another replica wakes too.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import weakref
 
@@ -53,12 +52,25 @@ def signal() -> Signal:
     return found
 
 
+_waiting = 0
+
+
+def waiting() -> int:
+    """Long-polls waiting in this process right now."""
+    return _waiting
+
+
 async def wait(generation: asyncio.Event, timeout: float) -> bool:
     """Wait until a publish after ``generation`` was taken; False on timeout."""
-    with contextlib.suppress(TimeoutError):
+    global _waiting
+    _waiting += 1
+    try:
         await asyncio.wait_for(generation.wait(), timeout)
-        return True
-    return False
+    except TimeoutError:
+        return False
+    finally:
+        _waiting -= 1
+    return True
 
 
 async def announce() -> None:

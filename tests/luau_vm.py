@@ -6,7 +6,8 @@ Luau VM here, with the engine pieces it touches played by Python:
 - ``game:GetService("HttpService")``: ``RequestAsync`` sends real HTTP with
   httpx and, like the engine, raises on a network failure, refuses locked
   headers and a body on GET; ``JSONEncode``/``JSONDecode`` follow the engine's
-  table rules (an empty table encodes as ``[]``, ``null`` decodes to nothing).
+  table rules (an empty table encodes as ``[]``, ``null`` decodes to nothing;
+  numbers are written as doubles, ``300.0``).
 - ``game:GetService("RunService")``: ``IsServer``/``IsClient``.
 - ``task``: a scheduler on a virtual clock. ``task.wait`` yields to it and
   returns at once in real time; ``RequestAsync`` yields too, as the engine
@@ -24,7 +25,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -255,8 +256,12 @@ def _to_json_value(value: Any, *, depth: int = 0) -> Any:
         raise pluau.RawError("Cannot convert a cyclic table to JSON")
     if isinstance(value, pluau.String):
         return bytes(value.as_bytes()).decode("utf-8")
-    if value is None or isinstance(value, (bool, int, float)):
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, (int, float)):
+        # Luau numbers are doubles; written as such (300.0, 1e+16), the way an
+        # engine may, so the client cannot count on whole-number formatting.
+        return float(value)
     if not isinstance(value, pluau.Table):
         raise pluau.RawError(f"Cannot convert {type(value).__name__} to JSON")
     entries = list(value)

@@ -17,6 +17,7 @@ import pytest_asyncio
 
 from discord_poller.client import (
     Banned,
+    BucketState,
     DiscordClient,
     DiscordUnavailable,
     Forbidden,
@@ -161,22 +162,27 @@ async def test_reuses_one_connection(fake: FakeDiscord) -> None:
 
 
 def test_refuses_bad_arguments() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="DiscordBot"):
         DiscordClient("Bot x", user_agent="python-httpx")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="token is empty"):
         DiscordClient(" ", user_agent=UA)
 
 
 @pytest.mark.asyncio
-async def test_refuses_bad_ids_and_limits_without_sending(fake: FakeDiscord) -> None:
+@pytest.mark.parametrize(
+    ("channel_id", "params", "match"),
+    [
+        ("../users/@me", {}, "channel_id"),
+        (CHANNEL, {"after": "1; x"}, "after"),
+        (CHANNEL, {"limit": 101}, "limit"),
+    ],
+)
+async def test_refuses_bad_ids_and_limits_without_sending(
+    fake: FakeDiscord, channel_id: str, params: dict[str, Any], match: str
+) -> None:
     async with client_for(fake) as client:
-        for call in (
-            client.fetch_messages("../users/@me"),
-            client.fetch_messages(CHANNEL, after="1; x"),
-            client.fetch_messages(CHANNEL, limit=101),
-        ):
-            with pytest.raises(ValueError):
-                await call
+        with pytest.raises(ValueError, match=match):
+            await client.fetch_messages(channel_id, **params)
     assert fake.requests == []
 
 
@@ -187,7 +193,11 @@ async def test_refuses_bad_ids_and_limits_without_sending(fake: FakeDiscord) -> 
 async def test_no_request_before_the_bucket_resets() -> None:
     async with FakeDiscord(limit=2, window=1.0) as fake:
         async with client_for(fake) as client:
+            assert client.bucket_state(CHANNEL) == BucketState(None, None, None)
             await client.fetch_messages(CHANNEL)
+            state = client.bucket_state(CHANNEL)
+            assert (state.limit, state.remaining) == (2, 1)
+            assert state.reset_in is not None and 0.5 < state.reset_in <= 1.0
             await client.fetch_messages(CHANNEL)
             assert client.next_allowed_in(CHANNEL) > 0.5
             await client.fetch_messages(CHANNEL)
@@ -214,9 +224,12 @@ async def test_concurrent_requests_stay_within_the_bucket() -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_429_waits_retry_after_then_retries(fake: FakeDiscord) -> None:
+@pytest.mark.parametrize(("kind", "invalid"), [("user_429", 1), ("shared_429", 0)])
+async def test_a_429_waits_retry_after_then_retries(
+    fake: FakeDiscord, kind: str, invalid: int
+) -> None:
     fake.post_message(CHANNEL)
-    fake.add_fault("user_429", channel_id=CHANNEL, times=1, retry_after=0.3)
+    fake.add_fault(kind, channel_id=CHANNEL, times=1, retry_after=0.3)
     async with client_for(fake) as client:
         messages = await client.fetch_messages(CHANNEL)
     assert len(messages) == 1
@@ -225,7 +238,7 @@ async def test_a_429_waits_retry_after_then_retries(fake: FakeDiscord) -> None:
     assert [r.status for r in fake.requests] == [429, 200]
     assert fake.state.violations == 0
     assert client.stats.rate_limited == 1
-    assert client.invalid_requests == 1
+    assert client.invalid_requests == invalid
 
 
 @pytest.mark.asyncio

@@ -327,7 +327,7 @@ def test_any_json_value_never_raises(value: Any) -> None:
 
 
 @given(message_like)
-@settings(max_examples=300)
+@settings(max_examples=150)
 def test_any_message_gives_none_or_a_valid_payload(value: dict[str, Any]) -> None:
     job = parse_message(value)
     if job is not None:
@@ -366,6 +366,11 @@ FORMATS: dict[str, tuple[Format, bool]] = {
     "field": (lambda g, p: message(fields_embed(("Job ID", f"`{g}`"))), False),
     "emoji_field_fence": (
         lambda g, p: message(fields_embed(("🆔 JobId (PC)", f"```lua\n{g}\n```"))),
+        False,
+    ),
+    "server_id_field": (lambda g, p: message(fields_embed(("Server ID", g))), False),
+    "mobile_field_only": (
+        lambda g, p: message(fields_embed(("Job ID (Mobile)", f"**`{g}`**"))),
         False,
     ),
     "link": (

@@ -98,8 +98,8 @@ class Fault:
 class RequestRecord:
     """One request to the API, as the fake saw it."""
 
-    monotonic: float
-    time: float
+    monotonic: float  # time.monotonic(): one clock for every process of a host
+    time: float  # epoch seconds
     method: str
     path: str
     query: dict[str, str]
@@ -237,8 +237,9 @@ class FakeDiscordState:
         """Count a request against its bucket: (allowed, rate-limit headers)."""
         bucket = self._buckets.get(channel_id)
         if bucket is None or now >= bucket.start + self.window:
+            blocked = bucket.blocked_until if bucket is not None else 0.0
             bucket = self._buckets[channel_id] = _Window(
-                now, _ceil_ms(time.time() + self.window)
+                now, _ceil_ms(time.time() + self.window), blocked_until=blocked
             )
         allowed = bucket.count < self.limit and now >= bucket.blocked_until
         if allowed:
@@ -437,6 +438,11 @@ class _Api:
             if kind == "user_429":
                 state.invalid_requests += 1
                 state.block_bucket(channel_id, now + fault.retry_after)
+                reset_after = max(
+                    float(headers["X-RateLimit-Reset-After"]), fault.retry_after
+                )
+                headers["X-RateLimit-Remaining"] = "0"
+                headers["X-RateLimit-Reset-After"] = f"{_ceil_ms(reset_after):.3f}"
             scope = "user" if kind == "user_429" else "shared"
             return _bucket_429(headers, fault.retry_after, scope)
         if kind == "forbidden":
@@ -529,7 +535,6 @@ def _bucket_429(
 ) -> web.Response:
     headers = {
         **headers,
-        "X-RateLimit-Remaining": "0",
         "X-RateLimit-Scope": scope,
         "Retry-After": str(math.ceil(retry_after)),
     }

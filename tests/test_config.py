@@ -1,0 +1,260 @@
+"""Configuration (contract section 6): typed parsers, precedence, refusing to serve."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+
+from gateway_project.config import (
+    Config,
+    parse_bool,
+    parse_float,
+    parse_int,
+    parse_list,
+)
+from tests.servers import REPO_ROOT
+
+# --- The typed parsers --------------------------------------------------------
+
+
+def rejects(parser: Any, value: Any, **bounds: Any) -> str:
+    """The message of the ImproperlyConfigured ``parser`` raises for ``value``."""
+    with pytest.raises(ImproperlyConfigured) as caught:
+        parser("SOME_SETTING", value, **bounds)
+    message = str(caught.value)
+    # A typo is found from the message alone: it names the variable and value.
+    assert "SOME_SETTING" in message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("5", 5), (" 7 ", 7), ("-3", -3), (42, 42), ("0", 0)]
+)
+def test_parse_int_reads_whole_numbers(value: Any, expected: int) -> None:
+    assert parse_int("SOME_SETTING", value) == expected
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5", "", "5s", True, "1e3"])
+def test_parse_int_rejects_the_rest(value: Any) -> None:
+    assert repr(value) in rejects(parse_int, value)
+
+
+def test_parse_int_bounds() -> None:
+    assert parse_int("SOME_SETTING", "1", minimum=1, maximum=3) == 1
+    assert parse_int("SOME_SETTING", "3", minimum=1, maximum=3) == 3
+    assert "0" in rejects(parse_int, "0", minimum=1)
+    assert "4" in rejects(parse_int, "4", maximum=3)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("0.25", 0.25), (" 1 ", 1.0), (2, 2.0), (0.05, 0.05)]
+)
+def test_parse_float_reads_numbers(value: Any, expected: float) -> None:
+    assert parse_float("SOME_SETTING", value) == expected
+
+
+@pytest.mark.parametrize("value", ["fast", "", "nan", "inf", "-inf", True, "1,5"])
+def test_parse_float_rejects_the_rest(value: Any) -> None:
+    assert repr(value) in rejects(parse_float, value)
+
+
+def test_parse_float_bounds() -> None:
+    assert parse_float("SOME_SETTING", "0", minimum=0.0) == 0.0
+    assert "-0.1" in rejects(parse_float, "-0.1", minimum=0.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        *[(text, True) for text in ("1", "true", "TRUE", "yes", "on", " True ")],
+        *[(text, False) for text in ("0", "false", "False", "no", "off", "")],
+        (True, True),
+        (False, False),
+    ],
+)
+def test_parse_bool_reads_true_and_false(value: Any, expected: bool) -> None:
+    assert parse_bool("SOME_SETTING", value) is expected
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "enabled", "y"])
+def test_parse_bool_rejects_the_rest(value: str) -> None:
+    assert repr(value) in rejects(parse_bool, value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("a", ["a"]),
+        ("a, b,,c ", ["a", "b", "c"]),
+        ("", []),
+        (["x", " y ", ""], ["x", "y"]),
+        ([1390012345678901234], ["1390012345678901234"]),
+    ],
+)
+def test_parse_list_reads_strings_and_lists(value: Any, expected: list[str]) -> None:
+    assert parse_list("SOME_SETTING", value) == expected
+
+
+@pytest.mark.parametrize("value", [5, {"a": "b"}, [None], [["nested"]], True])
+def test_parse_list_rejects_the_rest(value: Any) -> None:
+    assert repr(value) in rejects(parse_list, value)
+
+
+# --- Where values come from ---------------------------------------------------
+
+
+def load(tmp_path: Path, environ: dict[str, str], file: Any = None) -> Config:
+    """A ``Config`` over ``environ`` and, when given, a settings file holding ``file``."""
+    if file is not None:
+        (tmp_path / "app_settings.json").write_text(json.dumps(file))
+    return Config.load(environ, tmp_path)
+
+
+def test_environment_wins_over_the_file_which_wins_over_defaults(
+    tmp_path: Path,
+) -> None:
+    config = load(
+        tmp_path,
+        {"PORT": "9000"},
+        {"PORT": 8100, "JOB_TTL_SECONDS": 120},
+    )
+    assert config.integer("PORT", 8000) == 9000
+    assert config.integer("JOB_TTL_SECONDS", 300) == 120
+    assert config.integer("DEDUP_WINDOW_SECONDS", 60) == 60
+
+
+def test_file_values_keep_their_json_types(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        {},
+        {"HEADLESS_MODE": False, "CHANNEL_ID": ["1", "2"], "BURST_POLL_SECONDS": 0.1},
+    )
+    assert config.boolean("HEADLESS_MODE", True) is False
+    assert config.strings("CHANNEL_ID") == ["1", "2"]
+    assert config.number("BURST_POLL_SECONDS", 0.05) == 0.1
+
+
+def test_a_bad_file_value_is_named(tmp_path: Path) -> None:
+    config = load(tmp_path, {}, {"RATE_LIMIT_PER_MINUTE": "lots"})
+    with pytest.raises(ImproperlyConfigured, match="RATE_LIMIT_PER_MINUTE.*'lots'"):
+        config.integer("RATE_LIMIT_PER_MINUTE", 0)
+
+
+def test_empty_environment_values_fall_back(tmp_path: Path) -> None:
+    config = load(tmp_path, {"PORT": "", "REDIS_URL": ""}, {"PORT": 8100})
+    assert config.integer("PORT", 8000) == 8000
+    assert config.string("REDIS_URL") is None
+
+
+def test_settings_file_is_optional_by_default(tmp_path: Path) -> None:
+    config = Config.load({}, tmp_path)
+    assert config.integer("PORT", 8000) == 8000
+
+
+def test_settings_file_names_another_file(tmp_path: Path) -> None:
+    (tmp_path / "prod.json").write_text('{"PORT": 8100}')
+    relative = Config.load({"SETTINGS_FILE": "prod.json"}, tmp_path)
+    absolute = Config.load({"SETTINGS_FILE": str(tmp_path / "prod.json")}, Path("/"))
+    assert relative.integer("PORT", 8000) == absolute.integer("PORT", 8000) == 8100
+
+
+def test_an_explicit_settings_file_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ImproperlyConfigured, match=r"SETTINGS_FILE .*missing\.json"):
+        Config.load({"SETTINGS_FILE": "missing.json"}, tmp_path)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"PORT"'])
+def test_settings_file_must_hold_a_json_object(tmp_path: Path, text: str) -> None:
+    (tmp_path / "app_settings.json").write_text(text)
+    with pytest.raises(ImproperlyConfigured, match="SETTINGS_FILE"):
+        Config.load({}, tmp_path)
+
+
+# --- Processes refusing to start ----------------------------------------------
+
+
+def run(argv: list[str], **env: str | None) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in the project with this environment, ``None`` values removed."""
+    environ = {**os.environ, **{k: v for k, v in env.items() if v is not None}}
+    for name, value in env.items():
+        if value is None:
+            environ.pop(name, None)
+    return subprocess.run(
+        argv,
+        cwd=REPO_ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize(
+    ("removed", "named"),
+    [
+        (["API_KEY"], "API_KEY"),
+        (["HMAC_SECRET"], "HMAC_SECRET"),
+        (["API_KEY", "HMAC_SECRET"], "API_KEY, HMAC_SECRET"),
+        (["DJANGO_SECRET_KEY"], "DJANGO_SECRET_KEY"),
+    ],
+)
+def test_serving_refuses_to_start_without_secrets(
+    removed: list[str], named: str
+) -> None:
+    result = run(
+        [sys.executable, "-c", "import gateway_project.asgi"],
+        **dict.fromkeys(removed),
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"Refusing to serve: {named} not set."
+    ]
+
+
+@pytest.mark.processes
+def test_daphne_refuses_to_start_without_the_api_key() -> None:
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            "0",
+            "gateway_project.asgi:application",
+        ],
+        API_KEY=None,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["Refusing to serve: API_KEY not set."]
+
+
+@pytest.mark.processes
+def test_management_commands_need_no_secrets() -> None:
+    result = run(
+        [sys.executable, "manage.py", "check"],
+        API_KEY=None,
+        HMAC_SECRET=None,
+        DJANGO_SECRET_KEY=None,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no issues" in result.stdout
+
+
+@pytest.mark.processes
+def test_a_bad_value_stops_start_up_naming_it() -> None:
+    result = run(
+        [sys.executable, "manage.py", "check"], RATE_LIMIT_PER_MINUTE="lots"
+    )
+    assert result.returncode != 0
+    assert "RATE_LIMIT_PER_MINUTE must be a whole number, not 'lots'" in result.stderr
