@@ -9,6 +9,7 @@ import statistics
 import sys
 import time
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway_client.signing import signed_headers
@@ -21,11 +22,15 @@ __all__ = [
     "REPO_ROOT",
     "RESULTS_DIR",
     "Signer",
+    "client_loop_name",
+    "cpu_seconds",
+    "fmt",
     "format_table",
     "machine_summary",
     "median",
     "ratio",
     "run_async",
+    "wait_idle",
 ]
 
 T = TypeVar("T")
@@ -59,6 +64,51 @@ class Signer:
             self._headers = signed_headers(self.api_key, self.secret, now=second)
             self._second = second
         return self._headers
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User plus system CPU time of process ``pid`` (all its threads), on Linux.
+
+    Unlike a rate, CPU per request barely moves when other work shares the
+    machine, so it is the steadier figure on a noisy host.
+    """
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces: count fields after its ")".
+    fields = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(fields[11]), int(fields[12])
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(
+    pid: int | None,
+    *,
+    busy_below: float = 0.05,
+    window: float = 0.25,
+    timeout: float = 10.0,
+) -> float:
+    """Wait until process ``pid`` uses under ``busy_below`` of a core; return seconds.
+
+    A load tool that stops leaves requests in the server's socket buffers, which
+    the server still serves (and, for ``GET /job/next``, may claim jobs for)
+    after the client is gone: the next phase must not start before that.
+    """
+    started = time.monotonic()
+    before = cpu_seconds(pid)
+    if before is None:
+        time.sleep(1.0)  # no /proc: a fixed pause instead
+        return time.monotonic() - started
+    while time.monotonic() - started < timeout:
+        time.sleep(window)
+        after = cpu_seconds(pid)
+        if after is None or after - before < busy_below * window:
+            break
+        before = after
+    return time.monotonic() - started
 
 
 def median(values: Sequence[float]) -> float | None:
@@ -109,7 +159,9 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     ]
 
     def line(cells: Sequence[str]) -> str:
-        padded = (str(cell).ljust(width) for cell, width in zip(cells, widths))
+        padded = (
+            str(cell).ljust(width) for cell, width in zip(cells, widths, strict=True)
+        )
         return "| " + " | ".join(padded) + " |"
 
     separator = "| " + " | ".join("-" * width for width in widths) + " |"
@@ -119,5 +171,5 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def fmt(value: float | None, digits: int = 0, suffix: str = "") -> str:
     """A figure for the table: thousands separated, a dash when missing."""
     if value is None:
-        return "–"
+        return "-"
     return f"{value:,.{digits}f}{suffix}"

@@ -29,7 +29,11 @@ class Gateway:
         database_url: str | None = None,
         redis_url: str | None = None,
         access_log: bool = True,
+        application: str = "gateway_project.asgi:application",
+        extra_env: dict[str, str] | None = None,
     ) -> None:
+        self.application = application
+        self.extra_env = dict(extra_env or {})
         self._scratch = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
         (self._scratch / "settings.json").write_text("{}")
         self.database_url = database_url or f"sqlite:///{self._scratch / 'db.sqlite3'}"
@@ -71,6 +75,7 @@ class Gateway:
             # Long enough that no job expires during a slow drain.
             "JOB_TTL_SECONDS": "3600",
             "LOG_LEVEL": "WARNING",
+            **self.extra_env,
         }
 
     def start(self) -> None:
@@ -86,7 +91,9 @@ class Gateway:
         # daphne's default verbosity writes an access log line per request, as
         # the production command in the README does; -v 0 turns it off.
         extra_args = [] if self.access_log else ["-v", "0"]
-        self.process = DaphneProcess(env=self.env(), extra_args=extra_args)
+        self.process = DaphneProcess(
+            env=self.env(), extra_args=extra_args, application=self.application
+        )
         self.process.start()
 
     def close(self) -> None:

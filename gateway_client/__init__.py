@@ -1,1 +1,52 @@
-"""The Job Gateway's reference Python client. Django-free."""
+"""The Job Gateway's reference Python client. Django-free.
+
+``from gateway_client import GatewayClient`` for the API; ``python -m
+gateway_client`` runs the worker. The gateway itself imports only
+``gateway_client.signing``, so the client's modules (httpx, websockets) load
+on first use rather than with the package.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway_client.client import GatewayClient, PublishResult
+    from gateway_client.errors import (
+        AuthError,
+        BadRequest,
+        GatewayError,
+        GatewayUnreachable,
+        RateLimited,
+        Unavailable,
+    )
+
+_EXPORTS = {
+    "GatewayClient": "gateway_client.client",
+    "PublishResult": "gateway_client.client",
+    "AuthError": "gateway_client.errors",
+    "BadRequest": "gateway_client.errors",
+    "GatewayError": "gateway_client.errors",
+    "GatewayUnreachable": "gateway_client.errors",
+    "RateLimited": "gateway_client.errors",
+    "Unavailable": "gateway_client.errors",
+}
+
+__all__ = [
+    "AuthError",
+    "BadRequest",
+    "GatewayClient",
+    "GatewayError",
+    "GatewayUnreachable",
+    "PublishResult",
+    "RateLimited",
+    "Unavailable",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gateway_client' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

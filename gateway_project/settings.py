@@ -116,19 +116,20 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
-# Hashed, compressed names once collectstatic has run (the deploy's build step
-# does); until then, straight from the apps' folders, so a fresh checkout's
-# admin has its styles without a build step.
-_COLLECTED = (STATIC_ROOT / "staticfiles.json").exists()
+# Hashed, compressed names where STATIC_MANIFEST says so: a deploy sets it for
+# the build's collectstatic, which writes the manifest, and for the servers,
+# which read it. Otherwise straight from the apps' folders, so a checkout serves
+# its files as they are now, with no build step and no stale collected copy.
+STATIC_MANIFEST = config.boolean("STATIC_MANIFEST", False)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
         "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
-        if _COLLECTED
+        if STATIC_MANIFEST
         else "django.contrib.staticfiles.storage.StaticFilesStorage"
     },
 }
-WHITENOISE_USE_FINDERS = not _COLLECTED
+WHITENOISE_USE_FINDERS = not STATIC_MANIFEST
 
 # --- Backing services: chosen here, from REDIS_URL ----------------------------
 
@@ -224,3 +225,44 @@ LOGGING = {
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": config.string("LOG_LEVEL", "INFO")},
 }
+
+# --- Production: the platform and HTTPS (docs/deploy.md) ----------------------
+# Owned by the deploy; everything here is off unless the environment asks.
+
+# Render names the web service's public host: answer to it, and trust it as the
+# admin's origin, without anyone copying it into ALLOWED_HOSTS by hand.
+RENDER_EXTERNAL_HOSTNAME = config.string("RENDER_EXTERNAL_HOSTNAME")
+if RENDER_EXTERNAL_HOSTNAME:
+    ALLOWED_HOSTS = [*ALLOWED_HOSTS, RENDER_EXTERNAL_HOSTNAME]
+    CSRF_TRUSTED_ORIGINS = [
+        *CSRF_TRUSTED_ORIGINS,
+        f"https://{RENDER_EXTERNAL_HOSTNAME}",
+    ]
+
+# One switch for serving behind a proxy that terminates HTTPS. Off by default so
+# that a local run over plain HTTP keeps a working admin login.
+HTTPS_ONLY = config.boolean("HTTPS_ONLY", False)
+if HTTPS_ONLY:
+    # The proxy talks HTTP to us and says in X-Forwarded-Proto what the client
+    # used. Only behind a proxy that sets it itself (Render's does): otherwise a
+    # client could claim HTTPS.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    # Only the admin's stack (SecurityMiddleware) redirects and sends HSTS. The
+    # signed API is left alone on purpose: a redirected POST /job loses its
+    # body, and API clients ignore HSTS anyway.
+    SECURE_SSL_REDIRECT = True
+    # Load balancers check health over plain HTTP from inside: never redirect
+    # them, whichever handler ends up serving the path.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = config.integer("HSTS_SECONDS", 31_536_000, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    # Preloading is hard to undo, and anyone may submit a domain that asks for
+    # it: an explicit opt-in, so the check that nags for it is silenced.
+    SECURE_HSTS_PRELOAD = config.boolean("HSTS_PRELOAD", False)
+    if not SECURE_HSTS_PRELOAD:
+        SILENCED_SYSTEM_CHECKS = [
+            *globals().get("SILENCED_SYSTEM_CHECKS", []),
+            "security.W021",
+        ]

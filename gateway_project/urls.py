@@ -3,9 +3,24 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import path
 
-from jobs import views
+from jobs import dashboard, views
+
+# The admin index links to the dashboard. Set here rather than by overriding
+# admin/index.html: the admin app comes before ours, so its own template wins.
+admin.site.index_template = "admin/index_with_dashboard.html"
 
 urlpatterns = [
+    # Before the admin's own URLs, whose catch-all would answer 404.
+    path(
+        "admin/dashboard/",
+        admin.site.admin_view(dashboard.page),
+        name="admin-dashboard",
+    ),
+    path(
+        "admin/dashboard/data",
+        admin.site.admin_view(dashboard.data),
+        name="admin-dashboard-data",
+    ),
     path("admin/", admin.site.urls),
     path("job", views.post_job, name="post-job"),
     path("job/next", views.next_job, name="next-job"),

@@ -14,7 +14,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from gateway_client import signing
-from jobs import groups, presence
+from jobs import deliveries, groups, presence
 from jobs.auth import client_ip
 from jobs.db import in_db_thread
 from jobs.models import Job
@@ -116,11 +116,12 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             await self._replay(since, channels)
 
     async def disconnect(self, code: int) -> None:
-        for group in self.subscribed:
-            await self.channel_layer.group_discard(group, self.channel_name)
+        # The count first: leaving a group can fail (Redis down), counting cannot.
         if self.counted:
             self.counted = False
             await presence.disconnected()
+        for group in self.subscribed:
+            await self.channel_layer.group_discard(group, self.channel_name)
 
     async def receive(
         self, text_data: str | None = None, bytes_data: bytes | None = None
@@ -154,6 +155,7 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             self.replayed.discard(job_id)  # each job arrives live at most once
             return
         await self._send({"type": "job", "job": job})
+        deliveries.sent(job_id)  # the dashboard's latency; never waits
 
     async def _replay(self, since: int, channels: list[str]) -> None:
         cursor = since
@@ -161,6 +163,7 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             batch = await _replay_batch(cursor, channels)
             for job in batch:
                 await self._send({"type": "job", "job": job})
+                deliveries.sent(job["id"])
             self._remember([job["id"] for job in batch])
             if len(batch) < REPLAY_BATCH:
                 return

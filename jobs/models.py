@@ -34,6 +34,10 @@ class Job(models.Model):
     )
     claimed_at = models.DateTimeField(null=True, blank=True)
     claimed_by = models.GenericIPAddressField(null=True, blank=True)
+    # When a client first had the job (its claim or its first WebSocket frame,
+    # whichever came first): the dashboard's delivery latency. Set once, by the
+    # queue and the consumer only, hence not editable in the admin.
+    delivered_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-id"]

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import DateTimeField, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from jobs import redis_clients
@@ -41,6 +43,9 @@ class Queue(Protocol):
     async def depth(self) -> int:
         """How many jobs wait (expired ones may be counted until swept)."""
 
+    async def release(self, job: dict[str, Any]) -> None:
+        """Put a claimed job back at the head of the queue (its answer was lost)."""
+
 
 class DatabaseQueue:
     """The job table is the queue: queued rows, claimed oldest first."""
@@ -57,12 +62,19 @@ class DatabaseQueue:
     async def depth(self) -> int:
         return await _count_queued()
 
+    async def release(self, job: dict[str, Any]) -> None:
+        # Its id puts it back at the head: the queue is ordered by id.
+        await _unclaim(job["id"])
+
 
 # One statement claims the oldest unexpired queued job: atomic on its own, so
 # no transaction is held open between a SELECT and an UPDATE. On PostgreSQL
 # SKIP LOCKED lets concurrent claimers pass each other instead of queueing.
+# The first claim is also the job's first delivery, unless a WebSocket client
+# had it earlier (jobs.deliveries).
 _CLAIM_SQL = """
-UPDATE jobs_job SET status = %s, claimed_at = %s, claimed_by = %s
+UPDATE jobs_job SET status = %s, claimed_at = %s, claimed_by = %s,
+    delivered_at = COALESCE(delivered_at, %s)
 WHERE id = (
     SELECT id FROM jobs_job
     WHERE status = %s AND expires_at > %s
@@ -97,6 +109,7 @@ def _claim_one(now: datetime, claimer: str, lock: str) -> dict[str, Any] | None:
         Job.Status.CLAIMED,
         now,
         claimer if claimer != "unknown" else None,
+        now,
         Job.Status.QUEUED,
         now,
     ]
@@ -144,35 +157,70 @@ class RedisQueue:
             job: dict[str, Any] = entry["job"]
             now = timezone.now()
             if entry["expires"] <= now.timestamp():
-                await _record(job["id"], Job.Status.EXPIRED, None, None)
+                await _record(job["id"], Job.Status.EXPIRED, None, None, now)
                 continue
-            await _record(job["id"], Job.Status.CLAIMED, now, claimer)
-            return job
+            if await _record(job["id"], Job.Status.CLAIMED, now, claimer, now):
+                return job
+            # The table says this entry is stale: the admin expired the job,
+            # or requeued it and a newer entry already handed it out.
 
     async def depth(self) -> int:
         return int(await redis_clients.async_client().llen(QUEUE_KEY))
 
+    async def release(self, job: dict[str, Any]) -> None:
+        expires = datetime.fromisoformat(job["expires_at"]).timestamp()
+        entry = {"job": job, "expires": expires}
+        await _unclaim(job["id"])
+        await redis_clients.async_client().lpush(QUEUE_KEY, json.dumps(entry))
+
+
+@in_db_thread
+def _unclaim(pk: int) -> None:
+    Job.objects.filter(pk=pk, status=Job.Status.CLAIMED).update(
+        status=Job.Status.QUEUED, claimed_at=None, claimed_by=None
+    )
+
 
 @in_db_thread
 def _record_sync(
-    pk: int, status: str, claimed_at: datetime | None, claimer: str | None
-) -> None:
-    Job.objects.filter(pk=pk).update(
+    pk: int,
+    status: str,
+    claimed_at: datetime | None,
+    claimer: str | None,
+    now: datetime,
+) -> int:
+    # Only a job the table still holds as queued is this entry's to settle, and
+    # only a job still unexpired there may be claimed.
+    rows = Job.objects.filter(pk=pk, status=Job.Status.QUEUED)
+    if status == Job.Status.CLAIMED:
+        rows = rows.filter(expires_at__gt=now)
+    return rows.update(
         status=status,
         claimed_at=claimed_at,
         claimed_by=claimer if claimer != "unknown" else None,
+        # A claim is the first delivery unless one came before; no claim, no
+        # change (COALESCE with NULL).
+        delivered_at=Coalesce(
+            "delivered_at", Value(claimed_at, output_field=DateTimeField())
+        ),
     )
 
 
 async def _record(
-    pk: int, status: str, claimed_at: datetime | None, claimer: str | None
-) -> None:
-    # The pop already handed the job out; the row is only the admin's record,
-    # so a database hiccup must not lose the job on its way to the client.
+    pk: int,
+    status: str,
+    claimed_at: datetime | None,
+    claimer: str | None,
+    now: datetime,
+) -> bool:
+    """Settle a popped entry in the table; False if the table says it is stale."""
+    # The pop already took the job from the queue; a database hiccup must not
+    # lose it on its way to the client, so it is then handed out unchecked.
     try:
-        await _record_sync(pk, status, claimed_at, claimer)
+        return bool(await _record_sync(pk, status, claimed_at, claimer, now))
     except Exception:
         logger.exception("could not record job %s as %s", pk, status)
+        return True
 
 
 @cache

@@ -45,7 +45,9 @@ async def check_rate_limit(request: HttpRequest | None, ip: str) -> None:
         raise unavailable("The rate-limit store is down; try again shortly.") from None
     if usage is None or not usage["should_limit"]:
         return
-    retry_after = max(1, int(usage["time_left"]))
+    # django-ratelimit's window still counts during its last whole second
+    # (time_left 0): the new window opens one second after time_left.
+    retry_after = max(1, int(usage["time_left"]) + 1)
     raise ApiError(
         429,
         "rate_limited",

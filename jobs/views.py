@@ -16,7 +16,7 @@ from jobs import services, wakeups
 from jobs.auth import authenticate, request_ip
 from jobs.health import health_report
 from jobs.payloads import PayloadError, parse_job
-from jobs.queues import get_queue
+from jobs.queues import Queue, get_queue
 from jobs.ratelimits import check_rate_limit
 from jobs.responses import ApiError, json_response
 
@@ -91,7 +91,7 @@ async def next_job(request: HttpRequest) -> HttpResponse:
     signal = wakeups.signal()
     while True:
         generation = signal.generation()
-        job = await queue.claim(claimer)
+        job = await _claim_or_release(queue, claimer)
         if job is not None:
             return json_response({"job": job})
         remaining = deadline - time.monotonic()
@@ -99,6 +99,22 @@ async def next_job(request: HttpRequest) -> HttpResponse:
             return _empty()
         # Several waiters woke for one job; the losers wait again.
         await asyncio.sleep(0)
+
+
+async def _claim_or_release(queue: Queue, claimer: str) -> dict[str, Any] | None:
+    """Claim a job; if this request is cancelled meanwhile, put the job back.
+
+    The client left, or the server is stopping: the claim may still commit in
+    its thread, and the answer carrying the job would then never be sent.
+    """
+    claim = asyncio.ensure_future(queue.claim(claimer))
+    try:
+        return await asyncio.shield(claim)
+    except asyncio.CancelledError:
+        job = await claim
+        if job is not None:
+            await queue.release(job)
+        raise
 
 
 def _empty() -> HttpResponse:

@@ -82,12 +82,17 @@ async def announce() -> None:
 
 async def _listen(target: Signal) -> None:
     backoff = 0.1
+    task = asyncio.current_task()
     while True:
         try:
             pubsub = redis_clients.async_client().pubsub()
             await pubsub.subscribe(PUBLISHED_CHANNEL)
             backoff = 0.1
             while True:
+                # redis-py can swallow a cancellation that lands while it
+                # connects; without this check the task would never end.
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError
                 message = await pubsub.get_message(
                     ignore_subscribe_messages=True, timeout=1.0
                 )

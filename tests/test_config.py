@@ -111,7 +111,7 @@ def test_parse_list_rejects_the_rest(value: Any) -> None:
 
 
 def load(tmp_path: Path, environ: dict[str, str], file: Any = None) -> Config:
-    """A ``Config`` over ``environ`` and, when given, a settings file holding ``file``."""
+    """A ``Config`` over ``environ`` and, when given, a settings file of ``file``."""
     if file is not None:
         (tmp_path / "app_settings.json").write_text(json.dumps(file))
     return Config.load(environ, tmp_path)
@@ -143,7 +143,7 @@ def test_file_values_keep_their_json_types(tmp_path: Path) -> None:
 
 def test_a_bad_file_value_is_named(tmp_path: Path) -> None:
     config = load(tmp_path, {}, {"RATE_LIMIT_PER_MINUTE": "lots"})
-    with pytest.raises(ImproperlyConfigured, match="RATE_LIMIT_PER_MINUTE.*'lots'"):
+    with pytest.raises(ImproperlyConfigured, match=r"RATE_LIMIT_PER_MINUTE.*'lots'"):
         config.integer("RATE_LIMIT_PER_MINUTE", 0)
 
 
@@ -253,8 +253,6 @@ def test_management_commands_need_no_secrets() -> None:
 
 @pytest.mark.processes
 def test_a_bad_value_stops_start_up_naming_it() -> None:
-    result = run(
-        [sys.executable, "manage.py", "check"], RATE_LIMIT_PER_MINUTE="lots"
-    )
+    result = run([sys.executable, "manage.py", "check"], RATE_LIMIT_PER_MINUTE="lots")
     assert result.returncode != 0
     assert "RATE_LIMIT_PER_MINUTE must be a whole number, not 'lots'" in result.stderr

@@ -289,9 +289,10 @@ async def test_too_many_invalid_requests_slow_everything_down(
                 await client.fetch_messages(CHANNEL)
         await client.fetch_messages(OTHER)
         await client.fetch_messages(OTHER)
+    # Paced on the client's side: arrivals jitter by the latency of each request.
     times = arrivals(fake)
-    assert times[2] - times[1] >= 0.3
-    assert times[3] - times[2] >= 0.3
+    assert times[2] - times[1] >= 0.25
+    assert times[3] - times[2] >= 0.25
     assert any("invalid Discord requests" in r.getMessage() for r in caplog.records)
 
 

@@ -1,0 +1,948 @@
+"""WebSocket fan-out: delivery latency to N clients, and memory per client.
+
+    python -m bench.fanout --quick    # 1,000 clients, 1 round (about 2 min)
+    python -m bench.fanout            # 100 and 1,000 clients, 2 rounds (< 5 min)
+
+N clients hold ``/ws`` open on one server while K jobs are published through
+signed ``POST /job`` at a steady rate. Each job carries its send time
+(``fields.sent_at`` for the gateway, a ``sent_at`` key for the seed); each
+client stamps each frame on arrival, so every (client, job) pair gives one
+latency. The seed service (the baseline) and the gateway run in the same
+invocation, alternately, so that the noise of a shared machine falls on both:
+
+- embedded: the gateway on SQLite with the in-memory channel layer, against
+  the seed with its in-memory queue;
+- redis-pubsub and redis: the gateway with ``REDIS_URL`` and
+  ``CHANNEL_LAYER=redis-pubsub`` or ``redis``, against the seed on Redis.
+
+Memory is the server's resident set (VmRSS, with any child processes): idle
+after a warm-up, then with the N clients connected. The clients run in this
+process and share the machine's cores with the server under test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import contextlib
+import json
+import math
+import os
+import resource
+import secrets
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from bench.baseline import (
+    BaselineUnavailableError,
+    SeedProcess,
+    ensure_venv,
+    find_baseline,
+)
+from bench.common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    fmt,
+    format_table,
+    machine_summary,
+    ratio,
+    run_async,
+)
+from bench.fanout_client import ClientPool, Expected, publish_jobs, tally
+from bench.fanout_proc import cpu_seconds, rss_kib, settle
+from bench.gateway import Gateway
+from tests.servers import LOOPBACK, RedisServer
+
+CONFIGS = ("embedded", "redis-pubsub", "redis")
+# Bounds on each step, so that a stuck server cannot hold the run forever.
+CONNECT_TIMEOUT = 60.0
+# A frame not in within this long after the last post counts as missing (and as
+# an infinite latency in the percentiles): a backlog must not stall the run.
+DELIVERY_TIMEOUT = 5.0
+DUPLICATE_GRACE = 0.3
+# Then the connections still open are dropped (TCP reset).
+CLOSE_TIMEOUT = 3.0
+SETTLE_TIMEOUT = 10.0
+WARMUP_CLIENTS = 20
+WARMUP_JOBS = 10
+# Targets of the issue, at the largest client count.
+TARGET_P99 = {"embedded": 1.5, "redis-pubsub": 3.0, "redis": 3.0}
+TARGET_MEMORY = 1.5
+
+
+class Server(Protocol):
+    """What the benchmark needs of a running server."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LayerGateway(Gateway):
+    """The gateway with ``CHANNEL_LAYER`` set (``bench.gateway`` leaves it unset)."""
+
+    def __init__(
+        self, *, channel_layer: str, redis_url: str, access_log: bool = True
+    ) -> None:
+        super().__init__(redis_url=redis_url, access_log=access_log)
+        self.channel_layer = channel_layer
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "CHANNEL_LAYER": self.channel_layer}
+
+
+# --- What is measured -----------------------------------------------------------
+
+
+@dataclass
+class PhaseResult:
+    """One server, N clients, K jobs: everything measured in that phase."""
+
+    clients: int
+    round: int
+    connected: int
+    connect_failures: dict[str, int]
+    connect_seconds: float
+    rss_connected_kib: int | None
+    rss_after_kib: int | None
+    jobs_accepted: int
+    publish_errors: dict[str, int]
+    post_p50_ms: float | None
+    expected: int
+    delivered: int
+    missing: int
+    duplicated: int
+    unexpected: int
+    p50_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+    seconds: float
+    server_cpu_s: float
+    redis_cpu_s: float | None
+    client_cpu_s: float
+    aborted_closes: int
+    steps: dict[str, float]
+
+
+@dataclass
+class Side:
+    """One server under test and its phases."""
+
+    key: str
+    config: str
+    server: str
+    baseline: bool
+    make: Callable[[Side], Server]
+    compare_to: str | None = None
+    redis: RedisServer | None = None
+    running: Server | None = None
+    idle_rss_kib: int | None = None
+    phases: list[PhaseResult] = field(default_factory=list)
+    latencies: dict[int, array.array[float]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def gateway(self) -> bool:
+        return not self.baseline
+
+    @property
+    def label(self) -> str:
+        return f"{self.config}, {self.server}"
+
+    @property
+    def pid(self) -> int:
+        assert self.running is not None and self.running.pid is not None
+        return self.running.pid
+
+    @property
+    def port(self) -> int:
+        assert self.running is not None
+        port = urlsplit(self.running.base_url).port
+        assert port is not None
+        return port
+
+    def redis_pid(self) -> int | None:
+        if self.redis is None or self.redis.process is None:
+            return None
+        return self.redis.process.pid
+
+
+# --- Setting up the servers -------------------------------------------------------
+
+
+def build_sides(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Side]:
+    """The servers to compare; prints why any is left out."""
+    seed = _seed_factory(args)
+    access_log: bool = args.access_log
+    sides: list[Side] = []
+    wanted: set[str] = args.configs
+
+    def redis_for(side: Side) -> str:
+        # One Redis per server: pub/sub channels are shared by every database
+        # of a Redis server, so two gateways on one Redis would hear each other.
+        server = RedisServer()
+        stack.callback(server.close)
+        server.start()
+        side.redis = server
+        return server.url
+
+    if "embedded" in wanted:
+        if seed is not None:
+            sides.append(
+                Side(
+                    "seed-memory",
+                    "embedded",
+                    "seed (in-memory)",
+                    True,
+                    lambda side: seed(None),
+                )
+            )
+        sides.append(
+            Side(
+                "gateway-embedded",
+                "embedded",
+                "gateway (SQLite, in-memory layer)",
+                False,
+                lambda side: Gateway(access_log=access_log),
+                compare_to="seed-memory" if seed else None,
+            )
+        )
+    redis_configs = [c for c in ("redis-pubsub", "redis") if c in wanted]
+    reason = RedisServer.unavailable_reason() if redis_configs else None
+    if reason:
+        print(f"Skipping the Redis rows: {reason}.")
+        redis_configs = []
+    if redis_configs and seed is not None:
+        sides.append(
+            Side(
+                "seed-redis",
+                "Redis",
+                "seed (Redis)",
+                True,
+                lambda side: seed(redis_for(side)),
+            )
+        )
+    for layer in redis_configs:
+        sides.append(
+            Side(
+                f"gateway-{layer}",
+                layer,
+                f"gateway (CHANNEL_LAYER={layer})",
+                False,
+                _layer_gateway(layer, access_log, redis_for),
+                compare_to="seed-redis" if seed else None,
+            )
+        )
+    return sides
+
+
+def _layer_gateway(
+    layer: str, access_log: bool, redis_for: Callable[[Side], str]
+) -> Callable[[Side], Server]:
+    return lambda side: LayerGateway(
+        channel_layer=layer, redis_url=redis_for(side), access_log=access_log
+    )
+
+
+def _seed_factory(args: argparse.Namespace) -> Callable[[str | None], Server] | None:
+    if args.no_baseline:
+        print("Baseline left out (--no-baseline): the gateway runs alone.")
+        return None
+    try:
+        seed_dir = find_baseline(args.baseline_dir)
+        python = ensure_venv(seed_dir)
+    except BaselineUnavailableError as exc:
+        print(f"Baseline unavailable: {exc}. The gateway runs alone, without ratios.")
+        return None
+
+    def factory(redis_url: str | None) -> Server:
+        return SeedProcess(
+            python, seed_dir, redis_url=redis_url, access_log=args.access_log
+        )
+
+    return factory
+
+
+def raise_file_limit(clients: int) -> None:
+    """Client and server each hold one descriptor per connection."""
+    needed = 2 * clients + 512
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    target = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < needed:
+        print(f"Only {target} file descriptors allowed: connections may fail.")
+
+
+# --- Measuring --------------------------------------------------------------------
+
+
+def _pids(side: Side) -> list[int]:
+    return [side.pid]
+
+
+async def _phase(
+    side: Side,
+    clients: int,
+    jobs: int,
+    rate: float,
+    number: int,
+    every_server: Sequence[int] = (),
+) -> tuple[PhaseResult, list[float]]:
+    loop = asyncio.get_running_loop()
+    steps: dict[str, float] = {}
+    clock = time.monotonic()
+
+    def step(name: str) -> None:
+        nonlocal clock
+        now = time.monotonic()
+        steps[name] = round(now - clock, 2)
+        clock = now
+
+    # The previous phase's server may still be busy with its backlog.
+    await settle(every_server, timeout=SETTLE_TIMEOUT)
+    step("settle")
+    pool = ClientPool(LOOPBACK, side.port, wait_for_hello=side.gateway)
+    connect_seconds = await pool.connect(clients, timeout=CONNECT_TIMEOUT)
+    await settle(_pids(side), timeout=SETTLE_TIMEOUT)
+    step("connect")
+    rss_connected = rss_kib(side.pid)
+    redis_pid = side.redis_pid()
+    cpu_before = cpu_seconds(_pids(side))
+    redis_before = cpu_seconds([redis_pid]) if redis_pid else None
+    client_before = time.process_time()
+    started = time.perf_counter()
+
+    token = secrets.token_hex(3)
+    job_ids = [f"fanout-{number}-{token}-{n:05d}" for n in range(jobs)]
+    connected = len(pool.clients)
+    pool.expect(connected * jobs)
+    deadline = loop.time() + (jobs - 1) / rate + DELIVERY_TIMEOUT
+    base_url = side.running.base_url if side.running else ""
+    publisher = asyncio.create_task(
+        publish_jobs(
+            base_url,
+            job_ids,
+            rate=rate,
+            gateway=side.gateway,
+            deadline=deadline,
+            on_refused=lambda: pool.expect_fewer(connected),
+        )
+    )
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout_at(deadline):
+            await pool.all_in.wait()
+    await asyncio.sleep(DUPLICATE_GRACE)
+    until = time.time()
+    publication = await publisher
+    step("publish and deliver")
+
+    seconds = time.perf_counter() - started
+    client_cpu = time.process_time() - client_before
+    server_cpu = cpu_seconds(_pids(side)) - cpu_before
+    redis_cpu = (
+        cpu_seconds([redis_pid]) - redis_before
+        if redis_pid and redis_before is not None
+        else None
+    )
+    rss_after = rss_kib(side.pid)
+    aborted = await pool.close(timeout=CLOSE_TIMEOUT)
+    step("close")
+    counted = tally(
+        pool.clients,
+        Expected(publication.sent_at, publication.expected),
+        gateway=side.gateway,
+        until=until,
+    )
+    latencies = sorted(counted.latencies_ms)
+    result = PhaseResult(
+        clients=clients,
+        round=number,
+        connected=connected,
+        connect_failures=dict(pool.failures),
+        connect_seconds=connect_seconds,
+        rss_connected_kib=rss_connected,
+        rss_after_kib=rss_after,
+        jobs_accepted=len(publication.accepted),
+        publish_errors=dict(publication.errors),
+        post_p50_ms=percentile(sorted(publication.answer_ms), 50),
+        expected=counted.expected,
+        delivered=len(latencies),
+        missing=counted.missing,
+        duplicated=counted.duplicated,
+        unexpected=counted.unexpected,
+        p50_ms=percentile(latencies, 50, missing=counted.missing),
+        p99_ms=percentile(latencies, 99, missing=counted.missing),
+        max_ms=percentile(latencies, 100, missing=counted.missing),
+        seconds=seconds,
+        server_cpu_s=server_cpu,
+        redis_cpu_s=redis_cpu,
+        client_cpu_s=client_cpu,
+        aborted_closes=aborted,
+        steps=steps,
+    )
+    return result, latencies
+
+
+def measure(
+    side: Side,
+    clients: int,
+    jobs: int,
+    rate: float,
+    number: int,
+    every_server: Sequence[int],
+) -> None:
+    """Run one phase on ``side`` and record it."""
+    started = time.monotonic()
+    result, latencies = run_async(
+        _phase(side, clients, jobs, rate, number, every_server)
+    )
+    side.phases.append(result)
+    side.latencies.setdefault(clients, array.array("d")).extend(latencies)
+    for problem in _problems(result, clients, jobs):
+        side.problems.append(f"N={clients} round {number + 1}: {problem}")
+    print(
+        f"  {side.label:<50} p50 {_ms(result.p50_ms):>8}  "
+        f"p99 {_ms(result.p99_ms):>8}  max {_ms(result.max_ms):>8}  "
+        f"missing {result.missing:,}/{result.expected:,}  "
+        f"dup {result.duplicated}  POST {_ms(result.post_p50_ms)}  "
+        f"RSS {fmt(_mib(result.rss_connected_kib), 1)} MiB  "
+        f"({time.monotonic() - started:.0f} s: "
+        + ", ".join(f"{name} {value:.0f}" for name, value in result.steps.items())
+        + ")"
+    )
+
+
+def _problems(result: PhaseResult, clients: int, jobs: int) -> list[str]:
+    problems = []
+    if result.connected < clients:
+        problems.append(
+            f"{clients - result.connected} of {clients} clients could not connect "
+            f"({result.connect_failures})"
+        )
+    if result.jobs_accepted < jobs:
+        problems.append(f"only {result.jobs_accepted} of {jobs} jobs were accepted")
+    if result.publish_errors:
+        problems.append(f"publish errors: {result.publish_errors}")
+    if result.missing or result.duplicated or result.unexpected:
+        problems.append(
+            f"{result.missing} frames missing, {result.duplicated} duplicated, "
+            f"{result.unexpected} unexpected"
+        )
+    return problems
+
+
+def warm_up(side: Side, rate: float, every_server: Sequence[int]) -> None:
+    """First connections pay for imports, threads and pools; then idle memory."""
+    result, _ = run_async(
+        _phase(side, WARMUP_CLIENTS, WARMUP_JOBS, rate, -1, every_server)
+    )
+    if result.missing or result.connected < WARMUP_CLIENTS:
+        side.problems.append(
+            f"warm-up: {result.connected} connected, {result.missing} frames missing"
+        )
+    run_async(settle([side.pid], timeout=SETTLE_TIMEOUT))
+    side.idle_rss_kib = rss_kib(side.pid)
+
+
+def rotated(sides: Sequence[Side], by: int) -> list[Side]:
+    """``sides`` starting at ``by``: each round starts with another server."""
+    shift = by % len(sides)
+    return [*sides[shift:], *sides[:shift]]
+
+
+# --- Reporting --------------------------------------------------------------------
+
+
+def percentile(ordered: Sequence[float], q: float, *, missing: int = 0) -> float | None:
+    """Nearest-rank percentile of a sorted sequence plus ``missing`` infinities."""
+    total = len(ordered) + missing
+    if not total:
+        return None
+    rank = min(total, max(1, math.ceil(q / 100 * total)))
+    return ordered[rank - 1] if rank <= len(ordered) else math.inf
+
+
+def _ms(value: float | None) -> str:
+    if value is not None and math.isinf(value):
+        return f">{DELIVERY_TIMEOUT:g} s"
+    return fmt(value, 1, " ms")
+
+
+def _mib(kib: float | None) -> float | None:
+    return None if kib is None else kib / 1024
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One server at one client count: pooled latencies, medians, ratios."""
+
+    side: Side
+    clients: int
+    p50: float | None
+    p99: float | None
+    max: float | None
+    missing: int
+    duplicated: int
+    expected: int
+    rss_idle_mib: float | None
+    rss_connected_mib: float | None
+    per_client_kib: float | None
+    connect_rate: float | None
+    post_p50: float | None
+    server_us_per_frame: float | None
+    redis_us_per_frame: float | None
+    client_cpu_share: float | None
+    p99_ratio: float | None = None
+    memory_ratio: float | None = None
+    p99_ratios: tuple[float, ...] = ()
+
+
+def summarise(sides: Sequence[Side], client_counts: Sequence[int]) -> list[Row]:
+    """One row per side and client count; gateway rows carry ratios."""
+    rows: list[Row] = []
+    for clients in client_counts:
+        by_key: dict[str, Row] = {}
+        for side in sides:
+            phases = [p for p in side.phases if p.clients == clients]
+            if not phases:
+                continue
+            pooled = sorted(side.latencies.get(clients, array.array("d")))
+            idle = side.idle_rss_kib
+            frames = [p.delivered for p in phases]
+            # The lowest of the rounds: a later one also holds what an earlier
+            # backlog left behind (messages wait in a channel layer until they
+            # expire), which is not the cost of the connections.
+            measured = [p for p in phases if p.rss_connected_kib and p.connected]
+            leanest = min(
+                measured, key=lambda p: p.rss_connected_kib or 0, default=None
+            )
+            missing = sum(p.missing for p in phases)
+            row = Row(
+                side=side,
+                clients=clients,
+                p50=percentile(pooled, 50, missing=missing),
+                p99=percentile(pooled, 99, missing=missing),
+                max=percentile(pooled, 100, missing=missing),
+                missing=missing,
+                duplicated=sum(p.duplicated for p in phases),
+                expected=sum(p.expected for p in phases),
+                rss_idle_mib=_mib(idle),
+                rss_connected_mib=_mib(leanest.rss_connected_kib if leanest else None),
+                per_client_kib=(
+                    ((leanest.rss_connected_kib or 0) - idle) / leanest.connected
+                    if leanest and idle is not None
+                    else None
+                ),
+                connect_rate=_median(
+                    [
+                        p.connected / p.connect_seconds
+                        for p in phases
+                        if p.connect_seconds
+                    ]
+                ),
+                post_p50=_median([p.post_p50_ms for p in phases]),
+                server_us_per_frame=_per_frame(
+                    [p.server_cpu_s for p in phases], frames
+                ),
+                redis_us_per_frame=_per_frame([p.redis_cpu_s for p in phases], frames),
+                client_cpu_share=_median(
+                    [p.client_cpu_s / p.seconds for p in phases if p.seconds]
+                ),
+            )
+            by_key[side.key] = row
+        for row in by_key.values():
+            base = by_key.get(row.side.compare_to or "")
+            if base is not None:
+                mine = [p for p in row.side.phases if p.clients == clients]
+                theirs = [p for p in base.side.phases if p.clients == clients]
+                row = replace(
+                    row,
+                    p99_ratio=_ratio(row.p99, base.p99),
+                    memory_ratio=ratio(row.per_client_kib, base.per_client_kib),
+                    p99_ratios=tuple(
+                        r
+                        for g, b in zip(mine, theirs, strict=False)
+                        if (r := _ratio(g.p99_ms, b.p99_ms)) is not None
+                    ),
+                )
+            rows.append(row)
+    return rows
+
+
+def _ratio(mine: float | None, theirs: float | None) -> float | None:
+    """gateway / seed; None when the seed's own figure is off scale."""
+    if theirs is not None and math.isinf(theirs):
+        return None
+    return ratio(mine, theirs)
+
+
+def _latency(value: float | None) -> str:
+    if value is not None and math.isinf(value):
+        return f">{DELIVERY_TIMEOUT:g} s"
+    return fmt(value, 1)
+
+
+def _times(value: float | None) -> str:
+    if value is not None and math.isinf(value):
+        return "off scale"
+    return fmt(value, 2, "x")
+
+
+def _per_frame(cpu: Sequence[float | None], frames: Sequence[int]) -> float | None:
+    spent = [c for c in cpu if c is not None]
+    if not spent or len(spent) != len(frames) or not sum(frames):
+        return None
+    return sum(spent) / sum(frames) * 1e6
+
+
+def latency_table(rows: Sequence[Row]) -> str:
+    header = [
+        "config",
+        "server",
+        "N",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "missing",
+        "dup",
+        "RSS idle MiB",
+        "RSS with N MiB",
+        "KiB/client",
+        "p99 vs seed",
+        "KiB/client vs seed",
+    ]
+    body = [
+        [
+            row.side.config,
+            row.side.server,
+            f"{row.clients:,}",
+            _latency(row.p50),
+            _latency(row.p99),
+            _latency(row.max),
+            f"{row.missing:,} / {row.expected:,}",
+            str(row.duplicated),
+            fmt(row.rss_idle_mib, 1),
+            fmt(row.rss_connected_mib, 1),
+            fmt(row.per_client_kib, 1),
+            _times(row.p99_ratio),
+            _times(row.memory_ratio),
+        ]
+        for row in rows
+    ]
+    return format_table(header, body)
+
+
+def cost_table(rows: Sequence[Row]) -> str:
+    header = [
+        "config",
+        "server",
+        "N",
+        "handshakes/s",
+        "POST /job p50 ms",
+        "server CPU µs/frame",
+        "Redis CPU µs/frame",
+        "client CPU share",
+        "p99 ratio per round",
+    ]
+    body = [
+        [
+            row.side.config,
+            row.side.server,
+            f"{row.clients:,}",
+            fmt(row.connect_rate),
+            fmt(row.post_p50, 1),
+            fmt(row.server_us_per_frame, 1),
+            fmt(row.redis_us_per_frame, 1),
+            fmt(None if row.client_cpu_share is None else row.client_cpu_share * 100)
+            + ("%" if row.client_cpu_share is not None else ""),
+            ", ".join(_times(r) for r in row.p99_ratios) or fmt(None),
+        ]
+        for row in rows
+    ]
+    return format_table(header, body)
+
+
+def verdicts(rows: Sequence[Row], clients: int) -> list[str]:
+    """The issue's targets, checked at ``clients`` clients."""
+    lines = []
+    for row in rows:
+        if row.clients != clients or row.side.baseline:
+            continue
+        limit = TARGET_P99[row.side.config]
+        base = next(
+            (
+                r
+                for r in rows
+                if r.clients == clients and r.side.key == row.side.compare_to
+            ),
+            None,
+        )
+        lost = row.missing + (base.missing if base else 0)
+        checks = [
+            f"frames lost (gateway + seed): {lost} ({'ok' if lost == 0 else 'MISSED'})",
+            f"p99 {_times(row.p99_ratio)} of the seed's, target <= {limit}x "
+            f"({_met(row.p99_ratio, limit)})",
+            f"memory per client {_times(row.memory_ratio)}, target <= "
+            f"{TARGET_MEMORY}x ({_met(row.memory_ratio, TARGET_MEMORY)})",
+        ]
+        lines.append(f"  {row.side.config}: " + "; ".join(checks))
+    return lines
+
+
+def _met(value: float | None, limit: float) -> str:
+    if value is None:
+        return "no baseline"
+    return "ok" if value <= limit else "MISSED"
+
+
+def save(
+    path: Path,
+    args: argparse.Namespace,
+    sides: Sequence[Side],
+    summary: str,
+    rows: Sequence[Row],
+) -> None:
+    """Every phase's figures (not every latency), as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": summary,
+        "options": {
+            "clients": args.clients,
+            "jobs": args.jobs,
+            "rounds": args.rounds,
+            "rate": args.rate,
+            "configs": sorted(args.configs),
+            "access_log": args.access_log,
+        },
+        "sides": [
+            {
+                "key": side.key,
+                "label": side.label,
+                "idle_rss_kib": side.idle_rss_kib,
+                "phases": [asdict(p) for p in side.phases],
+                "problems": side.problems,
+            }
+            for side in sides
+        ],
+        "rows": [
+            {
+                "key": row.side.key,
+                "clients": row.clients,
+                **{
+                    name: getattr(row, name)
+                    for name in (
+                        "p50",
+                        "p99",
+                        "max",
+                        "missing",
+                        "duplicated",
+                        "expected",
+                        "rss_idle_mib",
+                        "rss_connected_mib",
+                        "per_client_kib",
+                        "connect_rate",
+                        "post_p50",
+                        "server_us_per_frame",
+                        "redis_us_per_frame",
+                        "client_cpu_share",
+                        "p99_ratio",
+                        "memory_ratio",
+                    )
+                },
+                "p99_ratios": list(row.p99_ratios),
+            }
+            for row in rows
+        ],
+    }
+    path.write_text(json.dumps(_finite(data), indent=2) + "\n")
+
+
+def _finite(value: object) -> object:
+    """JSON has no infinity: an off-scale latency is saved as null."""
+    if isinstance(value, float) and math.isinf(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+# --- Command line -----------------------------------------------------------------
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not counts or counts[0] < 1 or counts[-1] > 10_000:
+        raise argparse.ArgumentTypeError("client counts must be between 1 and 10,000")
+    return counts
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.fanout",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1,000 clients only, 1 round of 30 jobs (about 2 minutes)",
+    )
+    parser.add_argument(
+        "--clients", type=_counts, help="comma-separated client counts (100,1000)"
+    )
+    parser.add_argument("--jobs", type=int, help="jobs per phase (default 30)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 2)")
+    parser.add_argument(
+        "--rate", type=float, default=20.0, help="jobs published per second"
+    )
+    parser.add_argument(
+        "--configs",
+        default=",".join(CONFIGS),
+        help="comma-separated: embedded, redis-pubsub, redis",
+    )
+    parser.add_argument(
+        "--baseline-dir",
+        help="the seed service's folder (default: ../shared/baseline/seed_fastapi "
+        "beside the repository, or BENCH_BASELINE_DIR)",
+    )
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="run the gateway alone"
+    )
+    parser.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="servers log each request and connection, as both do by default",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=285.0,
+        help="start a round only if, judging by the last one, it ends within "
+        "this many seconds of the start (default 285)",
+    )
+    parser.add_argument("--json", type=Path, help="where to save every figure")
+    args = parser.parse_args(argv)
+    args.configs = {c.strip() for c in args.configs.split(",") if c.strip()}
+    if unknown := args.configs - set(CONFIGS):
+        parser.error(f"unknown config(s): {', '.join(sorted(unknown))}")
+    quick = args.quick
+    args.clients = args.clients or ([1000] if quick else [100, 1000])
+    args.jobs = args.jobs or 30
+    args.rounds = args.rounds or (1 if quick else 2)
+    if not 0 < args.rate <= 1000:
+        parser.error("--rate must be between 0 and 1000 jobs per second")
+    for name in ("jobs", "rounds"):
+        if not 1 <= getattr(args, name) <= 10_000:
+            parser.error(f"--{name} must be between 1 and 10,000")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    summary = machine_summary()
+    counts = ", ".join(f"{n:,}" for n in args.clients)
+    print(
+        f"WebSocket fan-out: {counts} clients, {args.jobs} jobs per phase at "
+        f"{args.rate:g}/s, {args.rounds} interleaved round(s).\n"
+        f"{summary}\n"
+        f"Cores: {os.cpu_count()}. The clients run in this one process and share "
+        f"those cores with the server under test."
+    )
+    raise_file_limit(max(args.clients))
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        sides = build_sides(args, stack)
+        for side in sides:
+            server = side.make(side)
+            stack.callback(server.close)
+            server.start()
+            side.running = server
+        every_server = [side.pid for side in sides]
+        print("Warming up...")
+        for side in sides:
+            warm_up(side, args.rate, every_server)
+        step = 0
+        skipped: list[str] = []
+        for clients in args.clients:
+            last_round = 0.0
+            for number in range(args.rounds):
+                elapsed = time.monotonic() - started
+                if number and elapsed + last_round > args.max_seconds:
+                    print(
+                        f" N={clients:,}: {args.rounds - number} round(s) left out, "
+                        f"they would end past {args.max_seconds:g} s (--max-seconds)."
+                    )
+                    skipped.append(f"N={clients:,}: {number} of {args.rounds} rounds")
+                    break
+                round_started = time.monotonic()
+                print(f" N={clients:,}, round {number + 1}/{args.rounds}")
+                for side in rotated(sides, step):
+                    measure(side, clients, args.jobs, args.rate, number, every_server)
+                step += 1
+                last_round = time.monotonic() - round_started
+        for side in sides:
+            side.running = None
+    rows = summarise(sides, args.clients)
+    print(
+        f"\nLatency: from POST /job sent to frame received, pooled over every "
+        f"(client, job) of every round run. Missing: not received within "
+        f"{DELIVERY_TIMEOUT:g} s of the last post (late or dropped), counted as "
+        f"an infinite latency. RSS with N: the lowest of the rounds; KiB/client: "
+        f"(RSS with N - RSS idle) / N. Ratios are gateway / seed."
+    )
+    print(summary)
+    print(latency_table(rows))
+    print()
+    print(cost_table(rows))
+    print(f"\nTargets at {max(args.clients):,} clients:")
+    for line in verdicts(rows, max(args.clients)):
+        print(line)
+    for line in skipped:
+        print(f"Rounds left out to stay within --max-seconds: {line}.")
+    problems = [(side, p) for side in sides for p in side.problems]
+    for side, problem in problems:
+        print(f"PROBLEM {side.label}: {problem}")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    path = args.json or RESULTS_DIR / f"fanout-{stamp}.json"
+    save(path, args, sides, summary, rows)
+    print(
+        f"\nFigures saved to {_shown(path)}; took {time.monotonic() - started:.0f} s."
+    )
+    return 1 if problems else 0
+
+
+def _shown(path: Path) -> str:
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(REPO_ROOT))
+    return str(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The poller as a process: its clients, its signals and its status row."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Final
+
+from discord_poller.client import DiscordClient, Unauthorized
+from discord_poller.config import USER_AGENT, PollerConfig
+from discord_poller.publisher import Publisher
+from discord_poller.runner import Poller
+from discord_poller.status import StatusReporter
+
+logger = logging.getLogger(__name__)
+
+# Shutdown must fit in a second: the last status write gets this long.
+FINAL_WRITE_SECONDS: Final = 0.3
+# --once: how long to keep trying to publish what it found.
+ONCE_DRAIN_SECONDS: Final = 10.0
+
+
+class PollerFailed(Exception):
+    """The poller cannot go on; the message says why, without any secret."""
+
+
+async def serve(
+    config: PollerConfig,
+    *,
+    once: bool = False,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Poll until SIGTERM or SIGINT (or ``stop``); with ``once``, one cycle.
+
+    Raises ``PollerFailed`` when the token is rejected, or when ``once`` leaves
+    jobs unpublished.
+    """
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with (
+            DiscordClient(
+                config.discord_token,
+                config.discord_api_base,
+                user_agent=USER_AGENT,
+            ) as discord,
+            Publisher(
+                config.service_base_url,
+                config.api_key,
+                config.hmac_secret,
+                ttl_seconds=config.job_ttl_seconds,
+                capacity=config.buffer_size,
+            ) as publisher,
+        ):
+            poller = Poller(
+                discord,
+                publisher,
+                config.channel_ids,
+                ttl_seconds=config.job_ttl_seconds,
+                poll_seconds=config.poll_seconds,
+                burst_poll_seconds=config.burst_poll_seconds,
+                burst_seconds=config.burst_seconds,
+            )
+            logger.info(
+                "polling channel(s) %s every %.3g s (%.3g s in bursts); "
+                "publishing to %s",
+                ", ".join(config.channel_ids),
+                config.poll_seconds,
+                config.burst_poll_seconds,
+                config.service_base_url,
+            )
+            await _run(poller, StatusReporter(poller.report), stop, once)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+async def _run(
+    poller: Poller, reporter: StatusReporter, stop: asyncio.Event, once: bool
+) -> None:
+    state = "stopped"
+    reporting = asyncio.create_task(reporter.run(stop))
+    try:
+        if once:
+            left = await poller.run_once(stop, ONCE_DRAIN_SECONDS)
+            if left and not stop.is_set():  # a signal asked for a quick exit
+                state = "failed"
+                raise PollerFailed(f"{left} jobs could not be published.")
+        else:
+            await poller.run(stop)
+    except Unauthorized:
+        state = "failed"
+        raise PollerFailed(
+            "Discord rejected DISCORD_TOKEN (401 Unauthorized): check the bot "
+            'token (written "Bot <token>"). Not retrying.'
+        ) from None
+    finally:
+        stop.set()
+        reporting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporting
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                reporter.write(poller.report(state)), FINAL_WRITE_SECONDS
+            )
+        logger.info("the poller has %s", state)

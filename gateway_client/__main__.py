@@ -1,0 +1,82 @@
+"""``python -m gateway_client``: the worker (see docs/python-client.md)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from gateway_client.config import ConfigError, WorkerConfig
+from gateway_client.worker import run
+
+# Exit codes: 0 stopped by a signal, 1 a fatal error, 2 bad usage or settings.
+EXIT_USAGE = 2
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line; settings come from the environment."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway_client",
+        description=(
+            "Print the gateway's jobs, one JSON line each. Settings come from "
+            "BASE_URL, API_KEY, HMAC_SECRET, CONCURRENCY, TIMEOUT, "
+            "INITIAL_BACKOFF, MAX_BACKOFF, RETRIES and LOG_LEVEL."
+        ),
+    )
+    parser.add_argument(
+        "--ws",
+        action="store_true",
+        help="follow the /ws push stream (every job) instead of pulling (each once)",
+    )
+    parser.add_argument(
+        "--channels", metavar="A,B", help="with --ws: only jobs from these channels"
+    )
+    parser.add_argument(
+        "--since",
+        metavar="ID",
+        type=_job_id,
+        help="with --ws: first replay the jobs after this id",
+    )
+    args = parser.parse_args(argv)
+    if not args.ws and (args.channels is not None or args.since is not None):
+        parser.error("--channels and --since need --ws")
+    return args
+
+
+def _job_id(value: str) -> int:
+    if not value.isascii() or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"must be a job id, not {value!r}")
+    return int(value)
+
+
+def main(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> int:
+    """Run the worker; return the process exit code."""
+    args = parse_args(argv)
+    try:
+        config = WorkerConfig.from_env(os.environ if env is None else env)
+    except ConfigError as exc:
+        print(f"gateway_client: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=config.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # httpx logs every request at INFO: one line per job would drown the rest.
+    for noisy in ("httpx", "httpcore", "websockets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    channels = args.channels.split(",") if args.channels else None
+    try:
+        return asyncio.run(run(config, ws=args.ws, channels=channels, since=args.since))
+    except KeyboardInterrupt:
+        # Ctrl-C before the signal handlers were installed: still a clean stop.
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

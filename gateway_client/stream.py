@@ -1,0 +1,175 @@
+"""The ``/ws`` push stream (contract section 3), resumed across reconnects.
+
+A dropped connection is reopened with ``since=`` the last job id seen, so the
+gateway replays exactly what was missed. Jobs come out in id order, each once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any, TypeGuard
+from urllib.parse import urlencode
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from gateway_client.backoff import Backoff
+from gateway_client.errors import (
+    BadRequest,
+    GatewayError,
+    GatewayUnreachable,
+    RateLimited,
+    Unavailable,
+    parse_retry_after,
+)
+
+logger = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+# A stopped stream should not hang on a peer that never answers the close.
+CLOSE_TIMEOUT = 2.0
+
+
+async def stream_jobs(
+    ws_url: str,
+    *,
+    headers: Callable[[], dict[str, str]],
+    check_credentials: Callable[[], Awaitable[object]],
+    channels: Sequence[str] = (),
+    since: int | None = None,
+    backoff: Backoff,
+    retries: int = 0,
+    open_timeout: float = 10.0,
+    sleep: Sleep = asyncio.sleep,
+) -> AsyncGenerator[dict[str, Any], None]:
+    """Yield each job pushed on ``ws_url``, reconnecting until closed.
+
+    ``headers`` signs each handshake afresh. ``check_credentials`` is a signed
+    HTTP request, made only to tell why a handshake was refused: the gateway
+    answers 403 for a bad key, a rate limit and a bad parameter alike.
+    ``retries`` consecutive failures raise the last one (0: never give up).
+    """
+    # Ids already yielded, so a replay after a reconnect repeats none of them.
+    # A job that committed after a newer one arrives late and is still
+    # yielded: losing it would be worse than yielding it out of order.
+    seen: dict[int, None] = {}
+    resume = since
+    while True:
+        retry_after: float | None = None
+        try:
+            async with connect(
+                _url(ws_url, channels, resume),
+                additional_headers=headers(),
+                open_timeout=open_timeout,
+                close_timeout=CLOSE_TIMEOUT,
+            ) as websocket:
+                async for raw in websocket:
+                    frame = _decode(raw)
+                    kind = frame.get("type")
+                    if kind == "hello":
+                        backoff.reset()
+                        if resume is None:
+                            # Asked for "from now": on a reconnect, replay
+                            # everything newer than the gateway's newest job
+                            # at the first connect.
+                            newest = frame.get("last_id")
+                            resume = newest if _is_id(newest) else 0
+                    elif kind == "job":
+                        job = frame.get("job")
+                        job_id = job.get("id") if isinstance(job, dict) else None
+                        if not isinstance(job, dict) or not _is_id(job_id):
+                            logger.warning("ignoring a job frame without an id")
+                            continue
+                        if job_id in seen or (since is not None and job_id <= since):
+                            continue
+                        seen[job_id] = None
+                        if len(seen) > SEEN_LIMIT:
+                            del seen[next(iter(seen))]
+                        resume = job_id if resume is None else max(resume, job_id)
+                        yield job
+                    elif kind == "error":
+                        logger.warning(
+                            "the gateway sent an error frame: %s: %s",
+                            frame.get("error"),
+                            frame.get("detail"),
+                        )
+            error: GatewayError = GatewayUnreachable(
+                "connection_closed", None, "the gateway closed the stream"
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status == 403:
+                error = await _why_refused(check_credentials)
+            elif status == 429 or status >= 500:
+                error = (RateLimited if status == 429 else Unavailable)(
+                    f"http_{status}",
+                    status,
+                    "the WebSocket handshake was refused",
+                    parse_retry_after(exc.response.headers.get("Retry-After")),
+                )
+            else:
+                raise BadRequest(
+                    f"http_{status}", status, "the WebSocket handshake was refused"
+                ) from None
+            retry_after = error.retry_after
+        except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
+            reason = str(exc) or type(exc).__name__
+            error = GatewayUnreachable(
+                "unreachable", None, f"stream connection failed: {reason}"
+            )
+        delay = backoff.next_delay(retry_after)
+        if retries and backoff.failures >= retries:
+            raise error
+        logger.warning(
+            "stream: %s; reconnecting in %.2fs (since=%s)", error, delay, resume
+        )
+        await sleep(delay)
+
+
+async def _why_refused(
+    check_credentials: Callable[[], Awaitable[object]],
+) -> GatewayError:
+    """Raise the fatal reason for a 403 handshake, or return one worth retrying."""
+    try:
+        await check_credentials()
+    except (RateLimited, Unavailable, GatewayUnreachable) as exc:
+        return exc
+    # An AuthError (or any other refusal) from the check propagates: fatal.
+    raise BadRequest(
+        "handshake_refused",
+        403,
+        "the gateway refused the WebSocket handshake although the credentials "
+        "are valid; check the channels and since parameters",
+    )
+
+
+SEEN_LIMIT = 10_000
+
+
+def _url(ws_url: str, channels: Sequence[str], since: int | None) -> str:
+    query: dict[str, str] = {}
+    if channels:
+        query["channels"] = ",".join(channels)
+    if since is not None:
+        query["since"] = str(since)
+    return f"{ws_url}?{urlencode(query, safe=',')}" if query else ws_url
+
+
+def _decode(raw: str | bytes) -> dict[str, Any]:
+    if isinstance(raw, bytes):
+        logger.warning("ignoring a binary frame")
+        return {}
+    try:
+        frame = json.loads(raw)
+    except ValueError:
+        logger.warning("ignoring a frame that is not JSON")
+        return {}
+    return frame if isinstance(frame, dict) else {}
+
+
+def _is_id(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,102 @@
+"""When each job first reached a WebSocket client: ``Job.delivered_at``.
+
+The consumer calls ``sent()`` after each job frame. The first frame of a job in
+this process notes the time; a background task writes the noted times a moment
+later, in one statement per batch, from a worker thread. A frame never waits
+for the database, and a job costs at most one write per process. Claims record
+their own delivery (``jobs.queues``); whichever came first is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from datetime import datetime
+
+from django.db import connection
+from django.db.models import Case, DateTimeField, Value, When
+from django.utils import timezone
+
+from jobs import queues
+from jobs.db import in_db_thread
+from jobs.models import Job
+
+logger = logging.getLogger(__name__)
+
+# Ids already noted: every client of a broadcast sends the same id, and only
+# the first send may cost anything. Old ids are forgotten first; a job that old
+# has long been recorded.
+MEMORY = 10_000
+# Writes wait this long, so that one statement carries a burst of jobs and the
+# write comes after the claims that follow a publish at once: on PostgreSQL a
+# claim skips a row that another statement has locked (SKIP LOCKED).
+FLUSH_DELAY_SECONDS = 0.5
+# At most this many jobs per statement.
+BATCH = 500
+
+_noted: set[int] = set()
+_noted_order: deque[int] = deque()  # the same ids, oldest first
+_pending: dict[int, datetime] = {}
+_flushers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
+
+
+def sent(job_id: int) -> None:
+    """Note that job ``job_id`` has just been sent to a client. Never waits."""
+    if job_id in _noted:
+        return
+    _noted.add(job_id)
+    _noted_order.append(job_id)
+    if len(_noted_order) > MEMORY:
+        _noted.discard(_noted_order.popleft())
+    _pending[job_id] = timezone.now()
+    loop = asyncio.get_running_loop()
+    flusher = _flushers.get(loop)
+    if flusher is None or flusher.done():
+        # Tests run one loop each; a loop's flusher ends with the loop.
+        for old in [key for key, task in _flushers.items() if task.done()]:
+            del _flushers[old]
+        _flushers[loop] = loop.create_task(_flush_later())
+
+
+async def flush() -> None:
+    """Write every noted delivery now (tests, and the flusher's own work)."""
+    while _pending:
+        batch = dict(list(_pending.items())[:BATCH])
+        for job_id in batch:
+            del _pending[job_id]
+        try:
+            await _write(batch)
+        except Exception as exc:
+            # Only the dashboard's statistics lose these; the jobs went out.
+            logger.warning("could not record %d deliveries: %s", len(batch), exc)
+
+
+async def _flush_later() -> None:
+    await asyncio.sleep(FLUSH_DELAY_SECONDS)
+    await flush()
+
+
+@in_db_thread
+def _write(batch: dict[int, datetime]) -> None:
+    moments = Case(
+        *(When(pk=pk, then=Value(at)) for pk, at in batch.items()),
+        output_field=DateTimeField(),
+    )
+    # SQLite has one writer: queue up behind the claims on their mutex rather
+    # than in SQLite's busy handler, which makes a claim sleep.
+    lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if connection.vendor == "sqlite":
+        lock = queues._sqlite_writer
+    with lock:
+        Job.objects.filter(pk__in=batch, delivered_at__isnull=True).update(
+            delivered_at=moments
+        )
+
+
+def forget() -> None:
+    """Drop what this process remembers (tests)."""
+    _noted.clear()
+    _noted_order.clear()
+    _pending.clear()

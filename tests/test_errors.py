@@ -1,0 +1,161 @@
+"""Error answers (contract sections 2 and 5): always JSON, whatever went wrong."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import httpx
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import OperationalError
+from pytest_django import Settings
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from jobs import services
+from jobs.models import Job
+from jobs.queues import DatabaseQueue, RedisQueue
+from tests.servers import free_port
+from tests.stack import STACK
+
+Sign = Callable[..., dict[str, str]]
+
+count_jobs = sync_to_async(Job.objects.count)
+
+
+@pytest.fixture(autouse=True)
+def _empty_redis(request: pytest.FixtureRequest) -> None:
+    # On the services stack the queue lives in Redis, which outlives each test.
+    if STACK == "services":
+        request.getfixturevalue("clean_redis")
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> str:
+    """Check an error answer's shape; return its ``detail``."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error", "detail"}
+    assert body["error"] == code
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
+    return body["detail"]
+
+
+@pytest.fixture(params=[False, True], ids=["debug-off", "debug-on"])
+def debug(request: pytest.FixtureRequest, settings: Settings) -> bool:
+    """Run the test with DEBUG off and on: the API answers JSON either way."""
+    settings.DEBUG = request.param
+    return bool(request.param)
+
+
+@pytest.mark.usefixtures("debug")
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/"),
+        ("GET", "/nope"),
+        ("GET", "/job/"),
+        ("GET", "/jobs"),
+        ("POST", "/job/next/extra"),
+        ("DELETE", "/health/"),
+        ("GET", "/%FF"),
+        ("GET", "/admin"),
+    ],
+)
+async def test_unknown_path_is_404_without_a_signature(
+    api: httpx.AsyncClient, method: str, path: str
+) -> None:
+    assert_error(await api.request(method, path), 404, "not_found")
+
+
+async def test_unknown_path_is_404_when_signed_too(
+    api: httpx.AsyncClient, sign: Sign
+) -> None:
+    assert_error(await api.get("/nope", headers=sign()), 404, "not_found")
+
+
+@pytest.mark.usefixtures("debug")
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("GET", "/job", "POST"),
+        ("PUT", "/job", "POST"),
+        ("POST", "/job/next", "GET"),
+        ("DELETE", "/health", "GET"),
+        ("OPTIONS", "/job", "POST"),
+    ],
+)
+async def test_wrong_method_is_405_after_the_signature(
+    api: httpx.AsyncClient, sign: Sign, method: str, path: str, allowed: str
+) -> None:
+    unsigned = await api.request(method, path)
+    assert_error(unsigned, 401, "missing_api_key")
+    signed = await api.request(method, path, headers=sign())
+    assert_error(signed, 405, "method_not_allowed")
+    assert signed.headers["allow"] == allowed
+
+
+@pytest.mark.usefixtures("debug")
+async def test_unexpected_failure_is_500_json_without_details(
+    api: httpx.AsyncClient, sign: Sign, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> NoReturn:
+        raise RuntimeError("internal secret detail")
+
+    monkeypatch.setattr(services, "publish", broken)
+    response = await api.post("/job", json={"job_id": "a"}, headers=sign())
+    assert_error(response, 500, "internal_error")
+    assert "secret detail" not in response.text
+    assert "Traceback" not in response.text
+
+
+async def test_database_failure_while_claiming_is_503(
+    api: httpx.AsyncClient, sign: Sign, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def down(self: object, claimer: str) -> NoReturn:
+        raise OperationalError("could not connect to server")
+
+    monkeypatch.setattr(DatabaseQueue, "claim", down)
+    monkeypatch.setattr(RedisQueue, "claim", down)
+    response = await api.get("/job/next", headers=sign())
+    assert_error(response, 503, "unavailable")
+    assert response.headers["retry-after"].isdigit()
+    assert "could not connect" not in response.text
+
+
+@pytest.mark.parametrize(
+    "error", [OperationalError("database is gone"), RedisConnectionError("refused")]
+)
+async def test_failure_to_queue_stores_nothing(
+    api: httpx.AsyncClient,
+    sign: Sign,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+) -> None:
+    def down(self: object, job: Job) -> NoReturn:
+        raise error
+
+    monkeypatch.setattr(DatabaseQueue, "enqueue", down)
+    monkeypatch.setattr(RedisQueue, "enqueue", down)
+    response = await api.post("/job", json={"job_id": "a"}, headers=sign())
+    assert_error(response, 503, "unavailable")
+    assert await count_jobs() == 0
+
+
+async def test_redis_down_is_503_and_stores_nothing(
+    api: httpx.AsyncClient, sign: Sign, settings: Settings
+) -> None:
+    # A real outage: nothing listens on this port.
+    settings.QUEUE_BACKEND = "redis"
+    settings.REDIS_URL = f"redis://127.0.0.1:{free_port()}/0"
+    post = await api.post("/job", json={"job_id": "a"}, headers=sign())
+    assert_error(post, 503, "unavailable")
+    assert await count_jobs() == 0
+    assert_error(await api.get("/job/next", headers=sign()), 503, "unavailable")
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/job/next", "/nope"])
+async def test_disallowed_host_is_400_json(api: httpx.AsyncClient, path: str) -> None:
+    response = await api.get(path, headers={"Host": "evil.example"})
+    assert_error(response, 400, "bad_host")

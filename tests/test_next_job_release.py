@@ -1,0 +1,64 @@
+"""A long-poll cancelled while its claim is in flight puts the job back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from jobs.queues import get_queue
+from jobs.views import _claim_or_release
+
+
+class SlowQueue:
+    """Claims one job, but only when told to finish."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.finish = asyncio.Event()
+        self.released: list[dict[str, Any]] = []
+
+    async def claim(self, claimer: str) -> dict[str, Any] | None:
+        self.started.set()
+        await self.finish.wait()
+        return {"id": 7}
+
+    async def release(self, job: dict[str, Any]) -> None:
+        self.released.append(job)
+
+
+async def test_cancelled_claim_releases_the_job() -> None:
+    queue = SlowQueue()
+    request = asyncio.create_task(_claim_or_release(queue, "10.0.0.1"))  # type: ignore[arg-type]
+    await queue.started.wait()
+    request.cancel()
+    await asyncio.sleep(0)  # the cancellation lands while the claim is running
+    queue.finish.set()
+    try:
+        await request
+    except asyncio.CancelledError:
+        pass
+    else:
+        raise AssertionError("the request was not cancelled")
+    assert queue.released == [{"id": 7}]
+
+
+async def test_release_puts_the_job_back_first(
+    api: httpx.AsyncClient, sign: Callable[[], dict[str, str]], queue_backend: str
+) -> None:
+    for job_id in ("first", "second"):
+        assert (
+            await api.post("/job", json={"job_id": job_id}, headers=sign())
+        ).status_code == 201
+    claimed = (await api.get("/job/next", headers=sign())).json()["job"]
+    assert claimed["job_id"] == "first"
+
+    await get_queue().release(claimed)
+
+    again = (await api.get("/job/next", headers=sign())).json()["job"]
+    assert again["id"] == claimed["id"]
+    assert (await api.get("/job/next", headers=sign())).json()["job"][
+        "job_id"
+    ] == "second"

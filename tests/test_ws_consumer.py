@@ -1,0 +1,399 @@
+"""The ``/ws`` consumer (contract section 3), driven through the real application.
+
+Jobs are pushed through ``jobs.services.publish``, the one write path, so each
+test covers store, broadcast and consumer together. The consumer reads the
+database from worker threads, hence ``transactional_db``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.core.cache import cache
+from django.utils import timezone
+
+from gateway_client import signing
+from gateway_project.asgi import application
+from jobs import consumers, presence, services
+from jobs.models import Job
+from jobs.payloads import JobDraft
+from tests.stack import API_KEY, HMAC_SECRET
+
+pytestmark = pytest.mark.usefixtures("transactional_db")
+
+Headers = list[tuple[bytes, bytes]]
+KEY_HEADER: Headers = [(b"x-api-key", API_KEY.encode())]
+
+
+@pytest.fixture(autouse=True)
+async def fresh_layer() -> AsyncIterator[None]:
+    """Each test starts and ends with an empty channel layer on its own loop."""
+    yield
+    await get_channel_layer().flush()
+
+
+@asynccontextmanager
+async def ws(
+    query: str = "", headers: Headers = KEY_HEADER
+) -> AsyncIterator[WebsocketCommunicator]:
+    """A connected client whose hello has been checked; disconnected on exit."""
+    communicator = WebsocketCommunicator(application, f"/ws{query}", headers=headers)
+    connected, _ = await communicator.connect()
+    assert connected
+    try:
+        hello = await communicator.receive_json_from()
+        assert hello["type"] == "hello"
+        yield communicator
+    finally:
+        await communicator.disconnect()
+
+
+async def handshake(query: str = "", headers: Headers = KEY_HEADER) -> bool:
+    """Whether the handshake is accepted; a refusal is an HTTP 403 under daphne."""
+    communicator = WebsocketCommunicator(application, f"/ws{query}", headers=headers)
+    connected, _ = await communicator.connect()
+    await communicator.disconnect()
+    return bool(connected)
+
+
+async def publish(channel: str = "api", **fields: Any) -> dict[str, Any]:
+    draft = JobDraft(job_id=uuid.uuid4().hex, channel=channel, **fields)
+    published = await services.publish(draft)
+    assert published.created
+    return published.job
+
+
+async def job_ids(communicator: WebsocketCommunicator, count: int) -> list[int]:
+    frames = [await communicator.receive_json_from() for _ in range(count)]
+    assert {frame["type"] for frame in frames} <= {"job"}, frames
+    return [frame["job"]["id"] for frame in frames]
+
+
+def signed_parts(
+    now: float | None = None, secret: str = HMAC_SECRET
+) -> tuple[str, str]:
+    timestamp = str(int(time.time() if now is None else now))
+    return timestamp, signing.sign(secret, timestamp)
+
+
+# --- Frames ----------------------------------------------------------------------
+
+
+async def test_hello_then_one_job_frame_per_publish() -> None:
+    communicator = WebsocketCommunicator(application, "/ws", headers=KEY_HEADER)
+    assert (await communicator.connect())[0]
+    hello = await communicator.receive_json_from()
+    assert hello["type"] == "hello"
+    assert hello["last_id"] is None
+    assert abs(hello["server_time"] - time.time()) < 5
+
+    first, second = await publish(), await publish(place_id=42, title="t")
+    assert await communicator.receive_json_from() == {"type": "job", "job": first}
+    assert await communicator.receive_json_from() == {"type": "job", "job": second}
+    assert await communicator.receive_nothing()
+    await communicator.disconnect()
+
+
+async def test_hello_names_the_newest_job_and_replays_nothing_unasked() -> None:
+    await publish()
+    newest = await publish()
+    communicator = WebsocketCommunicator(application, "/ws", headers=KEY_HEADER)
+    assert (await communicator.connect())[0]
+    assert (await communicator.receive_json_from())["last_id"] == newest["id"]
+    assert await communicator.receive_nothing()
+    await communicator.disconnect()
+
+
+async def test_ping_gets_pong() -> None:
+    async with ws() as communicator:
+        await communicator.send_json_to({"type": "ping"})
+        pong = await communicator.receive_json_from()
+        assert pong["type"] == "pong"
+        assert abs(pong["server_time"] - time.time()) < 5
+        assert await communicator.receive_nothing()
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ({"text_data": "{not json"}, "bad_json"),
+        ({"text_data": '{"type": "subscribe"}'}, "unknown_type"),
+        ({"text_data": '["ping"]'}, "unknown_type"),
+        ({"text_data": '{"type": "ping", "pad": "' + "x" * 5000 + '"}'}, "too_large"),
+        ({"bytes_data": b'{"type": "ping"}'}, "bad_frame"),
+    ],
+)
+async def test_anything_else_gets_an_error_and_the_connection_stays_up(
+    frame: dict[str, Any], code: str
+) -> None:
+    async with ws() as communicator:
+        await communicator.send_to(**frame)
+        error = await communicator.receive_json_from()
+        assert error["type"] == "error"
+        assert error["error"] == code
+        assert error["detail"]
+        await communicator.send_json_to({"type": "ping"})
+        assert (await communicator.receive_json_from())["type"] == "pong"
+        job = await publish()
+        assert await communicator.receive_json_from() == {"type": "job", "job": job}
+
+
+# --- Authorisation, before accept ------------------------------------------------
+
+
+KEY = {"x-api-key": "{key}"}
+SIGNED = {**KEY, "x-timestamp": "{ts}", "x-signature": "{sig}"}
+
+
+def _fill(query: str, headers: dict[str, str]) -> tuple[str, Headers]:
+    """Put fresh, stale, future and wrong timestamps and signatures in templates."""
+    ts, sig = signed_parts()
+    stale, stale_sig = signed_parts(time.time() - 120)
+    future, future_sig = signed_parts(time.time() + 120)
+    values = {
+        "key": API_KEY,
+        "ts": ts,
+        "sig": sig,
+        "SIG": sig.upper(),
+        "stale": stale,
+        "stale_sig": stale_sig,
+        "future": future,
+        "future_sig": future_sig,
+        "bad_sig": signed_parts(secret="another-secret")[1],
+    }
+    return query.format(**values), [
+        (name.encode(), value.format(**values).encode())
+        for name, value in headers.items()
+    ]
+
+
+@pytest.mark.parametrize(
+    ("require_signature", "query", "headers"),
+    [
+        pytest.param(False, "", KEY, id="header-key"),
+        pytest.param(False, "?api_key={key}", {}, id="query-key"),
+        pytest.param(True, "", SIGNED, id="signed-headers"),
+        pytest.param(True, "?ts={ts}&sig={sig}", KEY, id="signed-query"),
+        pytest.param(True, "?api_key={key}&ts={ts}&sig={SIG}", {}, id="query-upper"),
+    ],
+)
+async def test_handshake_accepted(
+    settings: Any, require_signature: bool, query: str, headers: dict[str, str]
+) -> None:
+    settings.WS_REQUIRE_SIGNATURE = require_signature
+    async with ws(*_fill(query, headers)) as communicator:
+        job = await publish()
+        assert await communicator.receive_json_from() == {"type": "job", "job": job}
+
+
+@pytest.mark.parametrize(
+    ("require_signature", "query", "headers"),
+    [
+        pytest.param(False, "", {}, id="no-key"),
+        pytest.param(False, "", {"x-api-key": "wrong"}, id="bad-header-key"),
+        pytest.param(False, "?api_key=wrong", {}, id="bad-query-key"),
+        pytest.param(True, "", KEY, id="signature-missing"),
+        pytest.param(True, "?ts={ts}", KEY, id="signature-half-missing"),
+        pytest.param(True, "?ts={stale}&sig={stale_sig}", KEY, id="stale"),
+        pytest.param(True, "?ts={future}&sig={future_sig}", KEY, id="future"),
+        pytest.param(True, "", {**SIGNED, "x-signature": "{bad_sig}"}, id="bad-sig"),
+        pytest.param(True, "?ts={ts}&sig={bad_sig}", KEY, id="bad-query-sig"),
+        pytest.param(True, "?ts=1e9&sig={sig}", KEY, id="bad-timestamp"),
+        pytest.param(True, "", {**SIGNED, "x-api-key": "wrong"}, id="signed-bad-key"),
+    ],
+)
+async def test_handshake_refused(
+    settings: Any, require_signature: bool, query: str, headers: dict[str, str]
+) -> None:
+    settings.WS_REQUIRE_SIGNATURE = require_signature
+    before = presence.local_count()
+    assert not await handshake(*_fill(query, headers))
+    assert presence.local_count() == before
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?since=abc",
+        "?since=-1",
+        "?since=1.5",
+        "?since=",
+        "?since=%C2%B2",  # a superscript two: a digit to str.isdigit(), not to int()
+        "?since=1234567890123456789",
+        "?channels=",
+        "?channels=a,,b",
+        "?channels=bad!",
+        "?channels=" + ",".join(str(n) for n in range(consumers.MAX_CHANNELS + 1)),
+        "?since",
+    ],
+)
+async def test_malformed_parameters_are_refused(query: str) -> None:
+    assert not await handshake(query)
+
+
+async def test_handshakes_are_rate_limited(settings: Any) -> None:
+    settings.RATE_LIMIT_PER_MINUTE = 2
+    cache.clear()
+    assert await handshake()
+    assert await handshake()
+    assert not await handshake()
+
+
+# --- Groups and channels ---------------------------------------------------------
+
+
+async def test_channels_subscribes_to_those_channels_only() -> None:
+    async with ws("?channels=111,222") as communicator, ws() as everything:
+        wanted_1 = await publish(channel="111")
+        await publish(channel="333")
+        wanted_2 = await publish(channel="222")
+        assert await job_ids(communicator, 2) == [wanted_1["id"], wanted_2["id"]]
+        assert await communicator.receive_nothing()
+        # Once per job for a client of every channel, though two groups got it.
+        assert len(await job_ids(everything, 3)) == 3
+        assert await everything.receive_nothing()
+
+
+# --- Replay ----------------------------------------------------------------------
+
+
+async def test_since_replays_unexpired_jobs_oldest_first_then_goes_live(
+    api: httpx.AsyncClient, sign: Callable[[], dict[str, str]], queue_backend: str
+) -> None:
+    before = await publish()
+    pulled, expired, kept = await publish(), await publish(), await publish()
+    await Job.objects.filter(id=expired["id"]).aupdate(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    # A job already handed out over GET /job/next is still history.
+    claimed = await api.get("/job/next", headers=sign())
+    assert claimed.json()["job"]["id"] == before["id"]
+    assert (await api.get("/job/next", headers=sign())).json()["job"]["id"] == pulled[
+        "id"
+    ]
+
+    async with ws(f"?since={before['id']}") as communicator:
+        assert await communicator.receive_json_from() == {"type": "job", "job": pulled}
+        assert await communicator.receive_json_from() == {"type": "job", "job": kept}
+        assert await communicator.receive_nothing()
+        live = await publish()
+        assert await communicator.receive_json_from() == {"type": "job", "job": live}
+        assert await communicator.receive_nothing()
+
+
+async def test_since_with_channels_replays_those_channels_only() -> None:
+    first = await publish(channel="111")
+    await publish(channel="222")
+    second = await publish(channel="111")
+    async with ws("?since=0&channels=111") as communicator:
+        assert await job_ids(communicator, 2) == [first["id"], second["id"]]
+        assert await communicator.receive_nothing()
+
+
+async def test_since_the_newest_job_replays_nothing() -> None:
+    newest = await publish()
+    async with ws(f"?since={newest['id']}") as communicator:
+        assert await communicator.receive_nothing()
+
+
+Reader = Callable[[int, list[str]], Awaitable[list[dict[str, Any]]]]
+
+
+@pytest.mark.parametrize("moment", ["before-the-read", "after-the-read"])
+async def test_a_job_published_during_the_connect_arrives_exactly_once(
+    monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    read: Reader = consumers._replay_batch
+    during: list[dict[str, Any]] = []
+
+    async def read_while_publishing(
+        after: int, channels: list[str]
+    ) -> list[dict[str, Any]]:
+        # The consumer has joined its group already: the job's live frame
+        # reaches it whether or not the read sees the job too.
+        if moment == "before-the-read" and not during:
+            during.append(await publish())
+        batch = await read(after, channels)
+        if moment == "after-the-read" and not during:
+            during.append(await publish())
+        return batch
+
+    earlier = await publish()
+    monkeypatch.setattr(consumers, "_replay_batch", read_while_publishing)
+    async with ws("?since=0") as communicator:
+        assert await job_ids(communicator, 2) == [earlier["id"], during[0]["id"]]
+        assert await communicator.receive_nothing()
+
+
+async def test_a_live_job_older_than_the_replay_is_not_mistaken_for_a_replayed_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On PostgreSQL ids are handed out before commit: a job with a smaller id
+    # can commit after the replay has read a larger one.
+    late, early = await publish(), await publish()
+    read: Reader = consumers._replay_batch
+
+    async def read_before_late_commits(
+        after: int, channels: list[str]
+    ) -> list[dict[str, Any]]:
+        batch = [job for job in await read(after, channels) if job["id"] != late["id"]]
+        await services.broadcast(late)
+        return batch
+
+    monkeypatch.setattr(consumers, "_replay_batch", read_before_late_commits)
+    async with ws("?since=0") as communicator:
+        assert await job_ids(communicator, 2) == [early["id"], late["id"]]
+        assert await communicator.receive_nothing()
+
+
+async def test_a_long_replay_is_read_in_batches_and_its_memory_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(consumers, "REPLAY_BATCH", 2)
+    monkeypatch.setattr(consumers, "REPLAY_MEMORY", 2)
+    jobs = [await publish() for _ in range(7)]
+    async with ws("?since=0") as communicator:
+        assert await job_ids(communicator, 7) == [job["id"] for job in jobs]
+        # Late live copies of replayed jobs, remembered or below the floor,
+        # are all recognised.
+        for job in (jobs[0], jobs[3], jobs[6]):
+            await services.broadcast(job)
+        assert await communicator.receive_nothing()
+        live = await publish()
+        assert await job_ids(communicator, 1) == [live["id"]]
+
+
+# --- Counts ----------------------------------------------------------------------
+
+
+async def test_connected_clients_are_counted_in_health(
+    request: pytest.FixtureRequest,
+    settings: Any,
+    api: httpx.AsyncClient,
+    sign: Callable[[], dict[str, str]],
+) -> None:
+    if settings.REDIS_URL:
+        request.getfixturevalue("clean_redis")  # no other process's count
+
+    async def clients() -> dict[str, Any]:
+        response = await api.get("/health", headers=sign())
+        assert response.status_code == 200
+        counts: dict[str, Any] = response.json()["websocket_clients"]
+        return counts
+
+    before = await clients()
+    async with ws(), ws("?channels=111"):
+        assert await clients() == {
+            "process": before["process"] + 2,
+            "total": before["total"] + 2,
+        }
+    assert await clients() == before

@@ -1,0 +1,319 @@
+"""``/ws`` over real daphne processes: handshakes, replicas, replay, stalled clients.
+
+Clients are the ``websockets`` library (or a raw socket, for a client that never
+reads); jobs go in through signed ``POST /job``, as the poller sends them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+
+from gateway_client.signing import signed_headers
+from tests.conftest import LiveGateway, process_env
+from tests.servers import LOOPBACK, REPO_ROOT, DaphneProcess, PostgresServer
+from tests.stack import API_KEY, HMAC_SECRET, STACK
+
+pytestmark = pytest.mark.processes
+
+# The time a job may take from POST /job to every client, on every replica.
+FANOUT_DEADLINE = 0.2
+
+
+def ws_connect(base: str, query: str = "", key: str = API_KEY) -> connect:
+    # No Origin header, like a game client; never through an environment proxy.
+    return connect(
+        f"{base}/ws{query}",
+        additional_headers={"X-API-KEY": key},
+        compression=None,
+        proxy=None,
+        open_timeout=5,
+    )
+
+
+async def hello(client: ClientConnection) -> dict[str, Any]:
+    frame: dict[str, Any] = json.loads(await client.recv())
+    assert frame["type"] == "hello"
+    return frame
+
+
+async def next_job(client: ClientConnection, timeout: float = 5) -> dict[str, Any]:
+    frame = json.loads(await asyncio.wait_for(client.recv(), timeout))
+    assert frame["type"] == "job", frame
+    job: dict[str, Any] = frame["job"]
+    return job
+
+
+async def post_job(http: httpx.AsyncClient, base: str, **fields: Any) -> dict[str, Any]:
+    body = {"job_id": uuid.uuid4().hex, **fields}
+    headers = signed_headers(API_KEY, HMAC_SECRET)
+    response = await http.post(f"{base}/job", json=body, headers=headers)
+    assert response.status_code == 201, response.text
+    job: dict[str, Any] = response.json()["job"]
+    return job
+
+
+async def ws_clients(http: httpx.AsyncClient, base: str) -> dict[str, int]:
+    response = await http.get(
+        f"{base}/health", headers=signed_headers(API_KEY, HMAC_SECRET)
+    )
+    assert response.status_code == 200, response.text
+    counts: dict[str, int] = response.json()["websocket_clients"]
+    return counts
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+        yield client
+
+
+# --- One process ---------------------------------------------------------------
+
+
+async def test_daphne_admits_by_key_pushes_jobs_and_refuses_with_403(
+    live_gateway: LiveGateway, http: httpx.AsyncClient
+) -> None:
+    base = live_gateway.ws_url
+    async with (
+        ws_connect(base) as by_header,
+        connect(f"{base}/ws?api_key={API_KEY}", proxy=None) as by_query,
+    ):
+        await hello(by_header)
+        await hello(by_query)
+        job = await post_job(http, live_gateway.base_url, place_id=7, title="t")
+        assert await next_job(by_header) == job
+        assert await next_job(by_query) == job
+
+    for query, key in [
+        ("", "wrong-key"),
+        ("?since=abc", API_KEY),
+        ("?channels=a,,b", API_KEY),
+    ]:
+        with pytest.raises(InvalidStatus) as refused:
+            async with ws_connect(base, query, key):
+                pass
+        assert refused.value.response.status_code == 403, query
+
+
+async def test_replay_during_a_steady_stream_has_no_gap_and_no_duplicate(
+    live_gateway: LiveGateway, http: httpx.AsyncClient
+) -> None:
+    clients, spacing = 16, 5
+    total = clients * spacing + 10
+    published: list[int] = []
+    reached = [asyncio.Event() for _ in range(clients)]
+    final: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def publish_stream() -> None:
+        for n in range(1, total + 1):
+            published.append((await post_job(http, live_gateway.base_url))["id"])
+            if n % spacing == 0 and n // spacing <= clients:
+                reached[n // spacing - 1].set()
+        final.set_result(published[-1])
+
+    async def reconnecting_client(k: int) -> tuple[list[int], list[int]]:
+        await reached[k].wait()
+        # Some jobs are missed while "away": since points a few jobs back.
+        since_index = len(published) - 1 - k % 4
+        since = published[since_index]
+        seen: list[int] = []
+        async with ws_connect(live_gateway.ws_url, f"?since={since}") as client:
+            await hello(client)
+            while not seen or not final.done() or seen[-1] < final.result():
+                seen.append((await next_job(client))["id"])
+        return seen, published[since_index + 1 :]
+
+    async with asyncio.timeout(60):
+        stream = asyncio.create_task(publish_stream())
+        results = await asyncio.gather(
+            *(reconnecting_client(k) for k in range(clients))
+        )
+        await stream
+    for seen, expected in results:
+        assert seen == expected
+
+
+# --- Two replicas sharing PostgreSQL and Redis ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def replica_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A migrated PostgreSQL database of this module's own, on the stack's server."""
+    if STACK == "services":
+        admin_url = os.environ["DATABASE_URL"]
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        admin_url = server.url
+    name = f"ws_replicas_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"],
+        cwd=REPO_ROOT,
+        env={**os.environ, "DATABASE_URL": url},
+        check=True,
+        capture_output=True,
+    )
+    yield url
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+        conn.execute(drop.format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="module")
+def replicas(replica_database: str, redis_url: str) -> Iterator[list[DaphneProcess]]:
+    """Two gateway processes, as two replicas behind a load balancer would be."""
+    redis.Redis.from_url(redis_url).flushdb()  # no client counts of earlier runs
+    env = process_env(DATABASE_URL=replica_database, REDIS_URL=redis_url)
+    with DaphneProcess(env=env) as first, DaphneProcess(env=env) as second:
+        yield [first, second]
+
+
+async def test_a_job_posted_to_one_replica_reaches_clients_on_both_at_once(
+    replicas: list[DaphneProcess], http: httpx.AsyncClient
+) -> None:
+    async with AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(ws_connect(r.ws_url)) for r in replicas
+        ]
+        for client in clients:
+            await hello(client)
+        # A first job through each process warms it up (database connections,
+        # threads), untimed.
+        for origin in replicas:
+            warm_up = await post_job(http, origin.base_url)
+            for client in clients:
+                assert await next_job(client) == warm_up
+        latencies: list[float] = []
+        for origin in replicas * 2:
+            receipts = [asyncio.create_task(_timed(next_job(c))) for c in clients]
+            started = time.monotonic()
+            job = await post_job(http, origin.base_url)
+            for received, at in await asyncio.gather(*receipts):
+                assert received == job
+                latencies.append(at - started)
+    assert max(latencies) < FANOUT_DEADLINE, sorted(latencies)
+
+
+async def _timed(
+    receipt: Awaitable[dict[str, Any]],
+) -> tuple[dict[str, Any], float]:
+    job = await receipt
+    return job, time.monotonic()
+
+
+async def test_many_clients_on_both_replicas_each_get_every_job_once(
+    replicas: list[DaphneProcess], http: httpx.AsyncClient
+) -> None:
+    clients_per_replica, jobs = 25, 100
+    async with AsyncExitStack() as stack:
+        connections = await asyncio.gather(
+            *(
+                stack.enter_async_context(ws_connect(replica.ws_url))
+                for replica in replicas
+                for _ in range(clients_per_replica)
+            )
+        )
+        await asyncio.gather(*(hello(c) for c in connections))
+        # Each hello came after its count was written: both replicas see all.
+        for replica in replicas:
+            counts = await ws_clients(http, replica.base_url)
+            assert counts == {
+                "process": clients_per_replica,
+                "total": len(connections),
+            }
+
+        limit = asyncio.Semaphore(10)
+
+        async def post(n: int) -> int:
+            async with limit:
+                job = await post_job(http, replicas[n % 2].base_url)
+            job_id: int = job["id"]
+            return job_id
+
+        posted = await asyncio.gather(*(post(n) for n in range(jobs)))
+        # Posted after every broadcast above: whatever arrives before it is
+        # everything a client was ever going to get of those jobs.
+        sentinel = (await post_job(http, replicas[0].base_url))["id"]
+
+        async def collect(client: ClientConnection) -> list[int]:
+            ids: list[int] = []
+            while (job_id := (await next_job(client))["id"]) != sentinel:
+                ids.append(job_id)
+            return ids
+
+        async with asyncio.timeout(30):
+            received = await asyncio.gather(*(collect(c) for c in connections))
+    for ids in received:
+        assert sorted(ids) == sorted(posted)
+
+
+# --- A client that never reads ----------------------------------------------------
+
+
+def _stalled_client(host: str, port: int) -> socket.socket:
+    """Open /ws with a raw socket and a tiny receive buffer, then never read again."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(5)
+    sock.connect((host, port))
+    sock.sendall(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Version: 13\r\nX-API-KEY: {API_KEY}\r\n\r\n"
+        ).encode()
+    )
+    assert sock.recv(12) == b"HTTP/1.1 101"
+    return sock
+
+
+async def test_a_client_that_never_reads_neither_delays_others_nor_stays(
+    transactional_db: None, http: httpx.AsyncClient
+) -> None:
+    # Daphne pings every second (its timer looks every 2 s) and drops a client
+    # that has not answered within 2 s: the only bound on what a stalled client
+    # buffers, as nothing in the ASGI interface pushes back on a send.
+    args = ["--ping-interval", "1", "--ping-timeout", "2"]
+    with DaphneProcess(env=process_env(), extra_args=args) as server:
+        stalled = await asyncio.to_thread(_stalled_client, LOOPBACK, server.port)
+        try:
+            async with ws_connect(server.ws_url) as healthy:
+                await hello(healthy)
+                assert (await ws_clients(http, server.base_url))["process"] == 2
+                padding = {f"f{n}": "x" * 500 for n in range(16)}
+                for _ in range(60):
+                    started = time.monotonic()
+                    job = await post_job(http, server.base_url, fields=padding)
+                    assert await next_job(healthy, timeout=1) == job
+                    assert time.monotonic() - started < 1
+                # Dropped by the ping timeout; the healthy client, which
+                # answers pings, stays.
+                deadline = time.monotonic() + 10
+                while (count := await ws_clients(http, server.base_url))["process"] > 1:
+                    assert time.monotonic() < deadline, "the stalled client stayed"
+                    await asyncio.sleep(0.1)
+                assert count["process"] == 1, server.output()
+                job = await post_job(http, server.base_url)
+                assert await next_job(healthy) == job
+        finally:
+            stalled.close()
