@@ -380,7 +380,9 @@ async def _phase(
         rss_after_kib=rss_after,
         jobs_accepted=len(publication.accepted),
         publish_errors=dict(publication.errors),
-        post_p50_ms=percentile(sorted(publication.answer_ms), 50),
+        post_p50_ms=percentile(
+            sorted(publication.answer_ms), 50, missing=len(publication.unanswered)
+        ),
         expected=counted.expected,
         delivered=len(latencies),
         missing=counted.missing,
@@ -513,6 +515,7 @@ class Row:
     server_us_per_frame: float | None
     redis_us_per_frame: float | None
     client_cpu_share: float | None
+    server_cpu_share: float | None
     p99_ratio: float | None = None
     memory_ratio: float | None = None
     p99_ratios: tuple[float, ...] = ()
@@ -569,6 +572,9 @@ def summarise(sides: Sequence[Side], client_counts: Sequence[int]) -> list[Row]:
                 client_cpu_share=_median(
                     [p.client_cpu_s / p.seconds for p in phases if p.seconds]
                 ),
+                server_cpu_share=_median(
+                    [p.server_cpu_s / p.seconds for p in phases if p.seconds]
+                ),
             )
             by_key[side.key] = row
         for row in by_key.values():
@@ -607,6 +613,11 @@ def _times(value: float | None) -> str:
     if value is not None and math.isinf(value):
         return "off scale"
     return fmt(value, 2, "x")
+
+
+def _share(value: float | None) -> str:
+    """A CPU share of one core, as a percentage."""
+    return fmt(None if value is None else value * 100, 0, "%")
 
 
 def _per_frame(cpu: Sequence[float | None], frames: Sequence[int]) -> float | None:
@@ -660,9 +671,10 @@ def cost_table(rows: Sequence[Row]) -> str:
         "N",
         "handshakes/s",
         "POST /job p50 ms",
+        "server CPU",
         "server CPU µs/frame",
         "Redis CPU µs/frame",
-        "client CPU share",
+        "client CPU",
         "p99 ratio per round",
     ]
     body = [
@@ -671,11 +683,11 @@ def cost_table(rows: Sequence[Row]) -> str:
             row.side.server,
             f"{row.clients:,}",
             fmt(row.connect_rate),
-            fmt(row.post_p50, 1),
+            _latency(row.post_p50),
+            _share(row.server_cpu_share),
             fmt(row.server_us_per_frame, 1),
             fmt(row.redis_us_per_frame, 1),
-            fmt(None if row.client_cpu_share is None else row.client_cpu_share * 100)
-            + ("%" if row.client_cpu_share is not None else ""),
+            _share(row.client_cpu_share),
             ", ".join(_times(r) for r in row.p99_ratios) or fmt(None),
         ]
         for row in rows
@@ -767,6 +779,7 @@ def save(
                         "server_us_per_frame",
                         "redis_us_per_frame",
                         "client_cpu_share",
+                        "server_cpu_share",
                         "p99_ratio",
                         "memory_ratio",
                     )
@@ -915,7 +928,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(client, job) of every round run. Missing: not received within "
         f"{DELIVERY_TIMEOUT:g} s of the last post (late or dropped), counted as "
         f"an infinite latency. RSS with N: the lowest of the rounds; KiB/client: "
-        f"(RSS with N - RSS idle) / N. Ratios are gateway / seed."
+        f"(RSS with N - RSS idle) / N. Ratios are gateway / seed. CPU: share of "
+        f"one core over the publish-and-deliver step; µs/frame: that CPU time "
+        f"over the frames delivered in time."
     )
     print(summary)
     print(latency_table(rows))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
 from datetime import datetime
@@ -63,7 +64,7 @@ def sent(job_id: int) -> None:
 async def flush() -> None:
     """Write every noted delivery now (tests, and the flusher's own work)."""
     while _pending:
-        batch = dict(list(_pending.items())[:BATCH])
+        batch = dict(itertools.islice(_pending.items(), BATCH))
         for job_id in batch:
             del _pending[job_id]
         try:

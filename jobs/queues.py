@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import DateTimeField, Value
+from django.db.models import Case, DateTimeField, F, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -177,7 +177,13 @@ class RedisQueue:
 @in_db_thread
 def _unclaim(pk: int) -> None:
     Job.objects.filter(pk=pk, status=Job.Status.CLAIMED).update(
-        status=Job.Status.QUEUED, claimed_at=None, claimed_by=None
+        status=Job.Status.QUEUED,
+        claimed_at=None,
+        claimed_by=None,
+        # Nobody had the job after all, unless a WebSocket client had it first.
+        delivered_at=Case(
+            When(delivered_at=F("claimed_at"), then=None), default=F("delivered_at")
+        ),
     )
 
 

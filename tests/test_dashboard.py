@@ -397,6 +397,28 @@ async def test_the_first_claim_records_the_delivery(
     assert pulled.delivered_at >= pulled.created_at
 
 
+async def test_a_claim_put_back_was_no_delivery(
+    api: httpx.AsyncClient, sign: Sign, queue_backend: str
+) -> None:
+    # The claimer went away before the job reached it (jobs.views puts it back).
+    job = await publish(api, sign, "released")
+    queue = get_queue()
+    claimed = await queue.claim("203.0.113.9")
+    assert claimed is not None and claimed["id"] == job["id"]
+    assert (await stored(job["id"])).delivered_at is not None
+    await queue.release(claimed)
+    assert (await stored(job["id"])).delivered_at is None
+    # A delivery before the claim is kept when the claim is put back.
+    deliveries.sent(job["id"])
+    await deliveries.flush()
+    pushed_at = (await stored(job["id"])).delivered_at
+    assert pushed_at is not None
+    claimed = await queue.claim("203.0.113.9")
+    assert claimed is not None
+    await queue.release(claimed)
+    assert (await stored(job["id"])).delivered_at == pushed_at
+
+
 @pytest.mark.usefixtures("layer")
 async def test_a_websocket_delivery_is_recorded_once_and_kept(
     api: httpx.AsyncClient,
@@ -474,3 +496,35 @@ async def test_the_memory_of_recorded_jobs_is_bounded(
     assert deliveries._noted == {3, 4, 5}
     assert list(deliveries._noted_order) == [3, 4, 5]
     assert sorted(deliveries._pending) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.usefixtures("transactional_db")
+async def test_a_burst_is_written_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(deliveries, "FLUSH_DELAY_SECONDS", 60)  # flushed below
+    now = timezone.now()
+
+    @sync_to_async
+    def burst() -> list[int]:
+        jobs = Job.objects.bulk_create(
+            Job(job_id=f"burst-{n}", created_at=now, expires_at=now)
+            for n in range(deliveries.BATCH + 1)
+        )
+        return [job.pk for job in jobs]
+
+    ids = await burst()
+    batches: list[int] = []
+    write = deliveries._write
+
+    async def counting(batch: dict[int, datetime]) -> None:
+        batches.append(len(batch))
+        await write(batch)
+
+    monkeypatch.setattr(deliveries, "_write", counting)
+    for pk in ids:
+        deliveries.sent(pk)
+    await deliveries.flush()
+    assert batches == [deliveries.BATCH, 1]
+    recorded = await sync_to_async(
+        lambda: Job.objects.filter(pk__in=ids, delivered_at__gte=now).count()
+    )()
+    assert recorded == len(ids)
