@@ -710,9 +710,10 @@ def verdicts(rows: Sequence[Row], clients: int) -> list[str]:
             ),
             None,
         )
-        lost = row.missing + (base.missing if base else 0)
+        missing = row.missing + (base.missing if base else 0)
         checks = [
-            f"frames lost (gateway + seed): {lost} ({'ok' if lost == 0 else 'MISSED'})",
+            f"frames missing (gateway + seed): {missing:,} "
+            f"({'ok' if missing == 0 else 'MISSED'})",
             f"p99 {_times(row.p99_ratio)} of the seed's, target <= {limit}x "
             f"({_met(row.p99_ratio, limit)})",
             f"memory per client {_times(row.memory_ratio)}, target <= "

@@ -1,7 +1,11 @@
 """HTTP benchmark: signed ``GET /job/next`` rate, and the drain of a full queue.
 
-    python -m bench.http --quick      # about 2 minutes
-    python -m bench.http              # the full run, under 10 minutes
+    python -m bench.http --quick      # 1 round, 1,000 jobs: 2-3 minutes
+    python -m bench.http              # 3 rounds, 20,000 jobs: see below
+
+The full run's length is mostly the gateway publishing and draining 20,000 jobs
+per server: about 10 minutes at 250 jobs/s, 30 at 100 jobs/s; ``--jobs`` and
+``--modes`` shorten it.
 
 For each queue backend the seed service (the baseline) and the gateway run in
 the same invocation, alternately, round after round, so that the noise of a
@@ -525,7 +529,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="1 round, 3 s of wrk, 1,000 jobs (about 2 min)",
+        help="1 round, 3 s of wrk, 1,000 jobs (2-3 min)",
     )
     parser.add_argument(
         "--rounds", type=int, help="interleaved rounds of wrk (default 3)"

@@ -214,7 +214,12 @@ def _py_spy() -> str:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.profile_http")
     parser.add_argument("--target", choices=["gateway", "seed"], default="gateway")
-    parser.add_argument("--backend", choices=["database", "redis"], default="database")
+    parser.add_argument(
+        "--backend",
+        choices=["database", "redis"],
+        default="database",
+        help="the gateway's queue backend; for the seed, database means in-memory",
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds")
     parser.add_argument("--rate", type=int, default=100, help="samples per second")
     parser.add_argument("--top", type=int, default=25, help="functions listed")
@@ -265,8 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     profile = Profile.parse(out.read_text().splitlines())
     total = profile.samples
+    queue = args.backend
+    if args.target == "seed":
+        queue = "Redis" if args.backend == "redis" else "in-memory"
     print(
-        f"\n{args.target} ({args.backend} queue) under wrk: {result.rate:,.0f} req/s "
+        f"\n{args.target} ({queue} queue) under wrk: {result.rate:,.0f} req/s "
         f"while sampled; {total} samples holding the GIL, at {args.rate}/s.\n"
     )
     if not total:

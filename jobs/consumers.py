@@ -14,7 +14,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from gateway_client import signing
-from jobs import deliveries, groups, presence
+from jobs import deliveries, fanout, presence
 from jobs.auth import client_ip
 from jobs.db import in_db_thread
 from jobs.models import Job
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 # Clients only ever send pings; anything bigger is a mistake or an attack.
 MAX_CLIENT_FRAME = 4096
-# Each listed channel is a group to join: a long list is work for nothing.
+# A long channel list is a mistake, and work on every job for nothing.
 MAX_CHANNELS = 50
 # Replay reads the store this many jobs at a time, so a reconnect after a long
 # absence never holds every unexpired job in memory at once.
@@ -37,11 +37,6 @@ REPLAY_BATCH = 500
 REPLAY_MEMORY = 1000
 
 _SINCE_RE = re.compile(r"[0-9]{1,18}")
-
-
-class JobPublished(TypedDict):
-    type: Literal["job.published"]
-    job: dict[str, Any]
 
 
 class HelloFrame(TypedDict):
@@ -76,8 +71,11 @@ class HandshakeError(ValueError):
 class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     """One connected client: authorised before accept, then jobs as they come."""
 
-    subscribed: list[str]
+    channels: frozenset[str]  # empty: every channel
     counted: bool
+    attached: bool
+    # Live frames wait here until the replay is sent; then they flow directly.
+    pending: list[tuple[dict[str, Any], str]] | None
     # Ids sent by the replay, so that their live frames are not sent twice. Ids
     # are not a commit order (PostgreSQL hands them out before commit), so a
     # live job older than the newest replayed one may still be new: hence a set
@@ -86,8 +84,10 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     replay_floor: int
 
     async def connect(self) -> None:
-        self.subscribed = []
+        self.channels = frozenset()
         self.counted = False
+        self.attached = False
+        self.pending = []
         self.replayed = set()
         self.replay_floor = 0
         try:
@@ -100,12 +100,11 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             # Closing before accept() answers the handshake with HTTP 403.
             await self.close()
             return
-        self.subscribed = [groups.for_channel(c) for c in channels] or [groups.ALL_JOBS]
-        # Join first, then read the store: a job published meanwhile is then in
-        # the replay, in the live stream, or both, never in neither. Live frames
-        # wait in the channel layer until connect() returns, after the replay.
-        for group in self.subscribed:
-            await self.channel_layer.group_add(group, self.channel_name)
+        self.channels = frozenset(channels)
+        # Subscribe first, then read the store: a job published meanwhile is
+        # then in the replay, in the live stream, or both, never in neither.
+        await fanout.hub().attach(self)
+        self.attached = True
         await self.accept()
         self.counted = True
         await presence.connected()
@@ -114,14 +113,16 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         )
         if since is not None:
             await self._replay(since, channels)
+        await self._go_live()
 
     async def disconnect(self, code: int) -> None:
         # The count first: leaving a group can fail (Redis down), counting cannot.
+        if self.attached:
+            self.attached = False
+            fanout.hub().detach(self)
         if self.counted:
             self.counted = False
             await presence.disconnected()
-        for group in self.subscribed:
-            await self.channel_layer.group_discard(group, self.channel_name)
 
     async def receive(
         self, text_data: str | None = None, bytes_data: bytes | None = None
@@ -146,15 +147,31 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             "unknown_type", 'The only message clients send is {"type": "ping"}.'
         )
 
-    async def job_published(self, event: JobPublished) -> None:
-        job = event["job"]
+    async def deliver(self, job: dict[str, Any], frame: str) -> None:
+        """A published job, from this process's fan-out hub (``jobs.fanout``)."""
+        if self.channels and job["channel"] not in self.channels:
+            return
+        if self.pending is not None:
+            self.pending.append((job, frame))
+            return
+        await self._send_live(job, frame)
+
+    async def _go_live(self) -> None:
+        # No await between the last pending frame and going live, so no frame
+        # can slip in behind the list or overtake it.
+        while self.pending:
+            job, frame = self.pending.pop(0)
+            await self._send_live(job, frame)
+        self.pending = None
+
+    async def _send_live(self, job: dict[str, Any], frame: str) -> None:
         job_id = job["id"]
         if job_id <= self.replay_floor:
             return  # replayed, or too old to be in flight
         if job_id in self.replayed:
             self.replayed.discard(job_id)  # each job arrives live at most once
             return
-        await self._send({"type": "job", "job": job})
+        await self.send(text_data=frame)
         deliveries.sent(job_id)  # the dashboard's latency; never waits
 
     async def _replay(self, since: int, channels: list[str]) -> None:

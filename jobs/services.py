@@ -51,14 +51,13 @@ async def publish(draft: JobDraft) -> Published:
 
 
 async def broadcast(job: dict[str, Any]) -> None:
-    """Send a job to the WebSocket groups that want it."""
+    """Send a job once to every process's fan-out (jobs.fanout)."""
     layer = get_channel_layer()
     if layer is None:
         return
     message = {"type": "job.published", "job": job}
     try:
-        for group in groups.for_job(job):
-            await layer.group_send(group, message)
+        await layer.group_send(groups.ALL_JOBS, message)
     except Exception as exc:
         logger.warning("could not broadcast job %s: %s", job["id"], exc)
 

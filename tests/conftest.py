@@ -46,8 +46,13 @@ def sign() -> Callable[..., dict[str, str]]:
 @pytest.fixture
 async def api(transactional_db: None) -> AsyncIterator[httpx.AsyncClient]:
     """A client for the ASGI application, in this process, on the test database."""
+    from django.conf import settings
+
     from gateway_project.asgi import application
 
+    if settings.REDIS_URL:
+        # The Redis queue outlives each test's database flush: empty it too.
+        redis.Redis.from_url(settings.REDIS_URL).flushdb()
     transport = httpx.ASGITransport(app=application, client=("203.0.113.7", 5000))
     async with httpx.AsyncClient(
         transport=transport, base_url="http://localhost"
