@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from django.conf import settings
-from django.core.handlers.asgi import ASGIHandler
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
+from django.http import HttpRequest, HttpResponseBase
+from django.urls import set_script_prefix
 from django.utils.module_loading import import_string
 
 
 class ApiHandler(ASGIHandler):
-    """Serves the API paths through ``API_MIDDLEWARE`` only.
+    """Serves the API paths through ``API_MIDDLEWARE`` only, with no thread hops.
 
-    Django's own middleware (sessions, CSRF, messages...) runs each hook in a
-    worker thread under ASGI; the signed API needs none of it, and a request
-    that skips those thread hops is served several times faster.
+    Under ASGI, Django runs each hook of its own middleware (sessions, CSRF,
+    messages...), the ``request_started`` and ``request_finished`` signals and
+    ``response.close()`` in worker threads, inside a per-request thread context
+    that starts (and joins) a thread of its own. The signed API needs none of
+    it: its views are async, and its database work runs in pooled threads that
+    keep their connections (``jobs.db``). Skipping all that serves a request in
+    about a third of the CPU time (docs/benchmarks.md).
     """
 
     def load_middleware(self, is_async: bool = False) -> None:
@@ -31,3 +40,45 @@ class ApiHandler(ASGIHandler):
                 self._exception_middleware.append(middleware.process_exception)
             handler = convert_exception_to_response(middleware)
         self._middleware_chain = handler
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # Django's ASGIHandler.handle(), less its thread-bound steps (above).
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:
+            # A request Django cannot even build (a bad Host, say).
+            assert error_response is not None
+            body_file.close()
+            await self.send_response(error_response, send)
+            error_response.close()
+            return
+        # Django's own watch for a client that leaves: the view is cancelled,
+        # and a long-poll's claim in flight is put back (jobs.views).
+        tasks = [
+            asyncio.create_task(self.listen_for_disconnect(receive)),
+            asyncio.create_task(self._respond(request, send)),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also when the server cancels this request (a shutdown): the view
+            # is cancelled with it, rather than answering a closed connection.
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, RequestAborted):
+                    await task
+        body_file.close()
+
+    async def _respond(self, request: HttpRequest, send: Any) -> None:
+        response: HttpResponseBase = await self.run_get_response(request)
+        try:
+            await self.send_response(response, send)
+        except asyncio.CancelledError:
+            pass  # the client left while the answer was being sent
+        finally:
+            response.close()
