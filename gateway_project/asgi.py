@@ -43,6 +43,11 @@ from django.urls import path  # noqa: E402
 
 from jobs.consumers import JobConsumer  # noqa: E402
 from jobs.handlers import ApiHandler  # noqa: E402
+from jobs.logging import redact_daphne_access_log  # noqa: E402
+
+# daphne's own access log writes whole URIs, api_key included: redact it here,
+# which covers every daphne command line (docs/observability.md).
+redact_daphne_access_log()
 
 Scope = dict[str, Any]
 

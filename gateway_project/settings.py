@@ -181,6 +181,8 @@ if QUEUE_BACKEND not in ("database", "redis") or (
 # Lists, so that a key can be rotated: any listed value is accepted.
 API_KEYS = config.strings("API_KEY")
 HMAC_SECRETS = config.strings("HMAC_SECRET")
+# Lets a scraper read /metrics with a bearer token instead of signing.
+METRICS_TOKEN = config.string("METRICS_TOKEN")
 TIMESTAMP_TOLERANCE = config.integer("TIMESTAMP_TOLERANCE", 60, minimum=1)
 WS_REQUIRE_SIGNATURE = config.boolean("WS_REQUIRE_SIGNATURE", False)
 
@@ -216,13 +218,24 @@ SERVICE_BASE_URL = (
 
 # --- Logging ------------------------------------------------------------------
 
+LOG_FORMAT = config.string("LOG_FORMAT", "text")
+if LOG_FORMAT not in ("text", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT must be text or json, not {LOG_FORMAT!r}.")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"context": {"()": "jobs.logging.ContextFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "text": {"()": "jobs.logging.PlainFormatter"},
+        "json": {"()": "jobs.logging.JsonFormatter"},
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["context"],
+        }
+    },
     "root": {"handlers": ["console"], "level": config.string("LOG_LEVEL", "INFO")},
 }
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import path
 
-from jobs import dashboard, views
+from jobs import dashboard, scrape, views
 
 # The admin index links to the dashboard. Set here rather than by overriding
 # admin/index.html: the admin app comes before ours, so its own template wins.
@@ -26,6 +26,7 @@ urlpatterns = [
     path("job/next", views.next_job, name="next-job"),
     path("health", views.health, name="health"),
     path("healthz", views.healthz, name="healthz"),
+    path("metrics", scrape.metrics_view, name="metrics"),
     # Everything else is the API's 404, in JSON, whatever DEBUG says.
     path("", views.not_found),
     path("<path:unknown>", views.not_found),

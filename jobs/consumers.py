@@ -14,7 +14,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from gateway_client import signing
-from jobs import deliveries, fanout, presence
+from jobs import deliveries, fanout, metrics, presence
+from jobs import logging as logs
 from jobs.auth import client_ip
 from jobs.db import in_db_thread
 from jobs.models import Job
@@ -90,6 +91,8 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         self.pending = []
         self.replayed = set()
         self.replay_floor = 0
+        started = time.monotonic()
+        rid = logs.begin(logs.scope_header(self.scope, b"x-request-id"))
         try:
             query = _query(self.scope)
             await self._authorise(query)
@@ -99,14 +102,17 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             logger.info("WebSocket handshake refused: %s", exc)
             # Closing before accept() answers the handshake with HTTP 403.
             await self.close()
+            logs.websocket_access(self.scope, 403, started)
             return
         self.channels = frozenset(channels)
         # Subscribe first, then read the store: a job published meanwhile is
         # then in the replay, in the live stream, or both, never in neither.
         await fanout.hub().attach(self)
         self.attached = True
-        await self.accept()
+        await self.accept(headers=[(b"x-request-id", rid.encode())])
+        logs.websocket_access(self.scope, 101, started)
         self.counted = True
+        metrics.WEBSOCKET_CLIENTS.inc()
         await presence.connected()
         await self._send(
             {"type": "hello", "server_time": time.time(), "last_id": await _last_id()}
@@ -122,6 +128,7 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             fanout.hub().detach(self)
         if self.counted:
             self.counted = False
+            metrics.WEBSOCKET_CLIENTS.dec()
             await presence.disconnected()
 
     async def receive(
@@ -173,6 +180,7 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             return
         await self.send(text_data=frame)
         deliveries.sent(job_id)  # the dashboard's latency; never waits
+        metrics.first_delivery(job)
 
     async def _replay(self, since: int, channels: list[str]) -> None:
         cursor = since

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from django.core.exceptions import DisallowedHost
@@ -10,6 +11,8 @@ from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse
 from redis.exceptions import RedisError
 
+from jobs import logging as logs
+from jobs.auth import request_ip
 from jobs.responses import ApiError, unavailable
 
 logger = logging.getLogger(__name__)
@@ -30,6 +33,25 @@ class ApiMiddleware:
         self.get_response = get_response
 
     async def __call__(self, request: HttpRequest) -> HttpResponse:
+        started = time.monotonic()
+        rid = logs.begin(request.headers.get("X-Request-ID"))
+        status = 499  # the client left (or the server stopped) before an answer
+        try:
+            response = await self._respond(request)
+            status = response.status_code
+        finally:
+            logs.access(
+                method=request.method or "",
+                path=request.path,
+                query=request.META.get("QUERY_STRING", ""),
+                status=status,
+                started=started,
+                client=request_ip(request),
+            )
+        response["X-Request-ID"] = rid
+        return response
+
+    async def _respond(self, request: HttpRequest) -> HttpResponse:
         try:
             request.get_host()
         except DisallowedHost:

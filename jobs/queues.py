@@ -23,7 +23,7 @@ from django.db.models import Case, DateTimeField, F, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from jobs import redis_clients
+from jobs import metrics, redis_clients
 from jobs.db import in_db_thread
 from jobs.models import Job
 
@@ -158,9 +158,10 @@ def _sweep_now_and_then(now: datetime) -> None:
     if tick - _last_sweep < SWEEP_INTERVAL_SECONDS:
         return
     _last_sweep = tick
-    Job.objects.filter(status=Job.Status.QUEUED, expires_at__lte=now).update(
+    expired = Job.objects.filter(status=Job.Status.QUEUED, expires_at__lte=now).update(
         status=Job.Status.EXPIRED
     )
+    metrics.JOBS_EXPIRED.inc(expired)
 
 
 @in_db_thread
@@ -190,6 +191,7 @@ class RedisQueue:
             now = timezone.now()
             if entry["expires"] <= now.timestamp():
                 await _record(job["id"], Job.Status.EXPIRED, None, None, now)
+                metrics.JOBS_EXPIRED.inc()
                 continue
             if await _record(job["id"], Job.Status.CLAIMED, now, claimer, now):
                 return job

@@ -17,7 +17,8 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from jobs import groups, wakeups
+from jobs import groups, metrics, wakeups
+from jobs import logging as logs
 from jobs.db import in_db_thread
 from jobs.models import Job
 from jobs.payloads import JobDraft
@@ -36,8 +37,11 @@ class Published:
 
 async def publish(draft: JobDraft) -> Published:
     """Store and queue ``draft`` unless it is a duplicate, then broadcast it."""
+    logs.job_id.set(draft.job_id)  # on every line of the rest of this request
     result = await _store(draft)
     if result.created:
+        metrics.JOBS_PUBLISHED.inc()
+        logger.info("published job %s as id %s", draft.job_id, result.job["id"])
         # Both are best effort: the job is safely queued already, and
         # WebSocket clients recover a missed frame with ``since=``.
         try:
@@ -47,6 +51,8 @@ async def publish(draft: JobDraft) -> Published:
                 "could not wake long-polls for job %s: %s", draft.job_id, exc
             )
         await broadcast(result.job)
+    else:
+        metrics.JOBS_DUPLICATES.inc()
     return result
 
 

@@ -12,7 +12,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
 
-from jobs import services, wakeups
+from jobs import metrics, services, wakeups
 from jobs.auth import authenticate, request_ip
 from jobs.health import health_report
 from jobs.payloads import PayloadError, parse_job
@@ -93,6 +93,7 @@ async def next_job(request: HttpRequest) -> HttpResponse:
         generation = signal.generation()
         job = await _claim_or_release(queue, claimer)
         if job is not None:
+            metrics.claimed(job)
             return json_response({"job": job})
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not await wakeups.wait(generation, remaining):

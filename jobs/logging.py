@@ -1,0 +1,191 @@
+"""Log lines: JSON or plain, request and job ids, and access lines without secrets.
+
+Django-free on purpose: ``LOGGING`` names the formatters here, so this module is
+imported while the settings are being read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, quote
+
+# Set per API request and per WebSocket connection; every line logged in that
+# context carries it.
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+job_id: ContextVar[str | None] = ContextVar("job_id", default=None)
+
+# Query parameters whose values are credentials.
+SECRET_PARAMS = frozenset({"api_key", "sig", "ticket"})
+REDACTED = "[redacted]"
+
+_SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
+_SECRET_IN_URI = re.compile(
+    r"(?i)((?:^|[?&;])(?:" + "|".join(sorted(SECRET_PARAMS)) + r")=)[^&;\s\"]*"
+)
+
+access_logger = logging.getLogger("gateway.access")
+
+
+def new_request_id(offered: str | None) -> str:
+    """The client's ``X-Request-ID`` when it is a sane token, else a fresh one."""
+    if offered and _SANE_ID.fullmatch(offered):
+        return offered
+    return uuid.uuid4().hex
+
+
+def redact_query(query: str) -> str:
+    """``query`` with the values of credential parameters replaced."""
+    if not query:
+        return ""
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return "&".join(
+        f"{quote(name, safe='')}="
+        + (REDACTED if name.lower() in SECRET_PARAMS else quote(value, safe=""))
+        for name, value in pairs
+    )
+
+
+def redact_text(text: str) -> str:
+    """Any ``api_key=``/``sig=``/``ticket=`` value in a URI or log text, replaced."""
+    return _SECRET_IN_URI.sub(lambda match: match.group(1) + REDACTED, text)
+
+
+def access(
+    *,
+    method: str,
+    path: str,
+    query: str,
+    status: int,
+    started: float,
+    client: str,
+) -> None:
+    """Log one access line (the gateway's own, in place of daphne's raw URI)."""
+    target = path + ("?" + redact_query(query) if query else "")
+    duration_ms = (time.monotonic() - started) * 1000
+    access_logger.info(
+        "%s %s %d %.1fms %s",
+        method,
+        target,
+        status,
+        duration_ms,
+        client,
+        extra={
+            "http_method": method,
+            "path": target,
+            "status": status,
+            "duration_ms": round(duration_ms, 1),
+            "client_ip": client,
+        },
+    )
+
+
+def begin(offered: str | None) -> str:
+    """Set (and return) the request id of the request or connection starting."""
+    rid = new_request_id(offered)
+    request_id.set(rid)
+    return rid
+
+
+def scope_header(scope: dict[str, Any], name: bytes) -> str | None:
+    """An ASGI scope's header ``name`` (lowercase), if sent."""
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def websocket_access(scope: dict[str, Any], status: int, started: float) -> None:
+    """The access line of a WebSocket handshake: 101 accepted, 403 refused."""
+    client = scope.get("client") or ("unknown", None)
+    access(
+        method="WS",
+        path=scope.get("path", ""),
+        query=scope.get("query_string", b"").decode("latin-1"),
+        status=status,
+        started=started,
+        client=str(client[0]),
+    )
+
+
+def redact_daphne_access_log() -> None:
+    """Make daphne's own access log redact credentials in the URIs it writes.
+
+    daphne writes the full URI, query string included, at its default
+    verbosity. Wrapping its one writing method here covers every command line
+    that serves this application, whatever ``--access-log`` says.
+    """
+    from daphne.access import AccessLogGenerator
+
+    original = AccessLogGenerator.write_entry
+    if getattr(original, "redacts", False):
+        return
+
+    def write_entry(
+        self: AccessLogGenerator, host: str, date: datetime, request: str, **kw: Any
+    ) -> None:
+        original(self, host, date, redact_text(request), **kw)
+
+    write_entry.redacts = True  # type: ignore[attr-defined]
+    AccessLogGenerator.write_entry = write_entry
+
+
+class ContextFilter(logging.Filter):
+    """Puts the current request id and job id on every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id"):
+            record.request_id = request_id.get()
+        if not hasattr(record, "job_id"):
+            record.job_id = job_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, ids when known."""
+
+    # Extra fields that access lines (and any other caller) may add.
+    EXTRA = ("http_method", "path", "status", "duration_ms", "client_ip")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("request_id", "job_id", *self.EXTRA):
+            value = getattr(record, key, None)
+            if value is not None:
+                line[key] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class PlainFormatter(logging.Formatter):
+    """``time level logger message`` plus ``request_id=``/``job_id=`` when known."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        ids = [
+            f"{key}={value}"
+            for key in ("request_id", "job_id")
+            if (value := getattr(record, key, None)) is not None
+        ]
+        if not ids:
+            return text
+        # After the first line, so a traceback stays readable.
+        first, sep, rest = text.partition("\n")
+        return f"{first} {' '.join(ids)}{sep}{rest}"

@@ -1,0 +1,147 @@
+"""Log lines: request ids, JSON, and no credentials anywhere, daphne's included."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from gateway_client.signing import signed_headers
+from jobs.logging import (
+    ContextFilter,
+    JsonFormatter,
+    new_request_id,
+    redact_query,
+    redact_text,
+)
+from tests.conftest import process_env
+from tests.servers import DaphneProcess
+from tests.stack import API_KEY, HMAC_SECRET
+
+Sign = Callable[..., dict[str, str]]
+SECRET = "secret-value-xyz"
+
+
+def test_request_ids_from_clients_must_be_sane() -> None:
+    assert new_request_id("abc-123_x.y:z") == "abc-123_x.y:z"
+    for bad in ("", "a" * 65, "has space", "new\nline", None):
+        generated = new_request_id(bad)
+        assert generated != bad
+        assert len(generated) == 32
+
+
+def test_credentials_are_redacted() -> None:
+    assert redact_query(f"api_key={SECRET}&since=4&sig={SECRET}") == (
+        "api_key=[redacted]&since=4&sig=[redacted]"
+    )
+    assert SECRET not in redact_text(f'"GET /ws?since=1&API_KEY={SECRET}" 403')
+    assert SECRET not in redact_text(f"/job?ticket={SECRET}")
+
+
+def test_json_lines_carry_the_ids() -> None:
+    record = logging.LogRecord("jobs.x", logging.INFO, "", 0, "hi %s", ("you",), None)
+    record.request_id = "r1"
+    record.job_id = "j1"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "hi you"
+    assert line["level"] == "INFO"
+    assert line["logger"] == "jobs.x"
+    assert (line["request_id"], line["job_id"]) == ("r1", "j1")
+    assert "time" in line
+    plain = logging.LogRecord("jobs.x", logging.INFO, "", 0, "hi", (), None)
+    ContextFilter().filter(plain)
+    assert "request_id" not in json.loads(JsonFormatter().format(plain))
+
+
+async def test_api_echoes_a_sane_request_id(api: httpx.AsyncClient, sign: Sign) -> None:
+    sane = await api.get("/health", headers={**sign(), "X-Request-ID": "req-42"})
+    assert sane.headers["X-Request-ID"] == "req-42"
+    insane = await api.get("/health", headers={**sign(), "X-Request-ID": "a b"})
+    assert insane.headers["X-Request-ID"] not in ("", "a b")
+    error = await api.get("/job/next")
+    assert error.status_code == 401
+    assert error.headers["X-Request-ID"]
+
+
+@pytest.fixture
+def json_gateway(transactional_db: None) -> Iterator[DaphneProcess]:
+    """daphne with ``LOG_FORMAT=json``, at its default verbosity (access log on)."""
+    with DaphneProcess(env=process_env(LOG_FORMAT="json")) as process:
+        yield process
+
+
+def json_lines(output: str) -> list[dict[str, Any]]:
+    lines = []
+    for text in output.splitlines():
+        if text.startswith("{"):
+            lines.append(json.loads(text))
+    return lines
+
+
+@pytest.mark.processes
+async def test_no_secret_reaches_any_log(json_gateway: DaphneProcess) -> None:
+    headers = signed_headers(API_KEY, HMAC_SECRET)
+    with pytest.raises(InvalidStatus):
+        async with connect(
+            f"{json_gateway.ws_url}/ws?api_key={SECRET}&since=0",
+            proxy=None,
+            open_timeout=5,
+        ):
+            pass
+    async with connect(
+        f"{json_gateway.ws_url}/ws?api_key={API_KEY}",
+        additional_headers={"X-Request-ID": "ws-req-1"},
+        proxy=None,
+        open_timeout=5,
+    ) as ws:
+        await ws.recv()
+    async with httpx.AsyncClient(
+        base_url=json_gateway.base_url, trust_env=False
+    ) as http:
+        await http.get(f"/health?api_key={SECRET}", headers=headers)
+        posted = await http.post(
+            "/job",
+            json={"job_id": "logged-job"},
+            headers={**headers, "X-Request-ID": "post-req-1"},
+        )
+        assert posted.status_code == 201
+    json_gateway.wait_for_output("post-req-1")
+    output = json_gateway.output()
+    assert SECRET not in output
+    assert f"api_key={API_KEY}" not in output
+    lines = json_lines(output)
+    access = [line for line in lines if line["logger"] == "gateway.access"]
+    paths = [line["path"] for line in access]
+    assert "/ws?api_key=[redacted]&since=0" in paths
+    assert "/ws?api_key=[redacted]" in paths
+    assert "/health?api_key=[redacted]" in paths
+    assert all(line["request_id"] for line in access)
+    ws_line = next(line for line in access if line["request_id"] == "ws-req-1")
+    assert ws_line["status"] == 101
+    published = next(
+        line
+        for line in lines
+        if line["logger"] == "jobs.services" and "published" in line["message"]
+    )
+    assert published["request_id"] == "post-req-1"
+    assert published["job_id"] == "logged-job"
+    post_line = next(line for line in access if line["request_id"] == "post-req-1")
+    assert (post_line["http_method"], post_line["status"]) == ("POST", 201)
+    # daphne's own NCSA lines are still written, redacted.
+    assert '"GET /health?api_key=[redacted]" 200' in output
+
+
+@pytest.mark.processes
+async def test_plain_lines_redact_too(live_gateway: Any) -> None:
+    async with httpx.AsyncClient(
+        base_url=live_gateway.base_url, trust_env=False
+    ) as http:
+        await http.get(f"/job/next?api_key={SECRET}")
+    live_gateway.process.wait_for_output("/job/next?api_key=[redacted] 401")
+    assert SECRET not in live_gateway.process.output()
