@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
@@ -62,6 +63,26 @@ async def test_metrics_accept_the_bearer_token(
 async def test_metrics_refuse_other_methods(api: httpx.AsyncClient, sign: Sign) -> None:
     response = await api.post("/metrics", headers=sign())
     assert response.status_code == 405
+
+
+async def test_poller_numbers_come_from_its_status_row(
+    api: httpx.AsyncClient, sign: Sign
+) -> None:
+    from asgiref.sync import sync_to_async
+
+    from discord_poller.status import save_report
+
+    report = {
+        "discord": {"requests": 42, "rate_limited": 3, "rate_limit_wait_seconds": 1.5},
+        "jobs": {"published": 7, "duplicates": 1, "buffered": 0},
+    }
+    await sync_to_async(save_report)(report, timezone.now())
+    values = samples((await api.get("/metrics", headers=sign())).text)
+    assert values["gateway_poller_discord_requests"] == 42
+    assert values["gateway_poller_discord_rate_limited"] == 3
+    assert values["gateway_poller_discord_rate_limit_wait_seconds"] == 1.5
+    assert values["gateway_poller_jobs_published"] == 7
+    assert values["gateway_poller_report_age_seconds"] >= 0
 
 
 @pytest.fixture(params=["one-process", "multiprocess"])
