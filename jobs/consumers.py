@@ -183,6 +183,10 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         metrics.first_delivery(job)
 
     async def _replay(self, since: int, channels: list[str]) -> None:
+        # The client has seen since: a live frame for it (or older) that was
+        # still on its way from another process when the client attached is
+        # not sent again.
+        self.replay_floor = since
         cursor = since
         while True:
             batch = await _replay_batch(cursor, channels)

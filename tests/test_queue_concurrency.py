@@ -36,7 +36,9 @@ def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql", "redis"])
-def queue_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, str]]:
+def queue_env(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[dict[str, str]]:
     """A migrated database of its own, and the queue backend to test."""
     # An empty REDIS_URL hides the services stack's Redis from the database runs.
     env = {
@@ -58,7 +60,9 @@ def queue_env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[s
 
 
 def test_each_job_claimed_exactly_once_in_order(queue_env: dict[str, str]) -> None:
-    seeded = json.loads(_run(queue_env, "-m", "tests.claimer", "seed", str(JOBS)).stdout)
+    seeded = json.loads(
+        _run(queue_env, "-m", "tests.claimer", "seed", str(JOBS)).stdout
+    )
     assert len(seeded) == JOBS
 
     claimers = [

@@ -355,6 +355,26 @@ async def test_a_live_job_older_than_the_replay_is_not_mistaken_for_a_replayed_o
         assert await communicator.receive_nothing()
 
 
+async def test_a_late_live_copy_of_a_job_the_client_had_seen_is_not_sent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Another process's broadcast can reach this one after the client attached:
+    # the client's since job, already seen, must not come back after the replay.
+    seen, missed = await publish(), await publish()
+    read: Reader = consumers._replay_batch
+
+    async def read_with_a_late_broadcast(
+        after: int, channels: list[str]
+    ) -> list[dict[str, Any]]:
+        await services.broadcast(seen)
+        return await read(after, channels)
+
+    monkeypatch.setattr(consumers, "_replay_batch", read_with_a_late_broadcast)
+    async with ws(f"?since={seen['id']}") as communicator:
+        assert await job_ids(communicator, 1) == [missed["id"]]
+        assert await communicator.receive_nothing()
+
+
 async def test_a_long_replay_is_read_in_batches_and_its_memory_stays_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
