@@ -61,6 +61,22 @@ async def api(transactional_db: None) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
+    """pytest-django's test database, whose PostgreSQL sessions end with the run.
+
+    Worker threads (``jobs.db.in_db_thread``) keep their connections for the
+    process's life; ended here, they no longer stop the test database's drop.
+    """
+    yield
+    if connection.vendor == "postgresql":
+        with django_db_blocker.unblock(), connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+
+
+@pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real Redis: the stack's own, or one started for this session."""
     if STACK == "services":
