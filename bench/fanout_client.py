@@ -246,6 +246,8 @@ class ClientPool:
         self.received = 0
         self.target = 0
         self.all_in = asyncio.Event()
+        # A WsClient subclass may record frames its own way (bench.loadtest_ws).
+        self.client_type: type[WsClient] = WsClient
 
     @property
     def path(self) -> str:
@@ -263,7 +265,7 @@ class ClientPool:
 
         async def one() -> None:
             async with gate:
-                client = WsClient(
+                client = self.client_type(
                     f"{self.host}:{self.port}",
                     self.path,
                     self,

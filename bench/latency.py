@@ -3,14 +3,16 @@
 For each mode of the fake Discord (lenient: 50 requests/s; Discord-like: a
 bucket of 5 requests per 2 s) and each server (the seed, whose own poller runs
 in its process; the gateway under daphne with ``manage.py runpoller`` beside
-it), interleaved: a fresh fake, the server, one WebSocket client, a few seconds
-for the poller to settle, then messages posted at random moments, each with an
-embed carrying a unique job id. Latency is the client's receive time minus the
-moment the fake's control endpoint returned the message, on one clock.
+it, polling over REST; the same with ``DISCORD_MODE=gateway``, the messages
+pushed by the fake's Discord Gateway), interleaved: a fresh fake, the server,
+one WebSocket client, a few seconds for the poller to settle, then messages
+posted at random moments, each with an embed carrying a unique job id. Latency
+is the client's receive time minus the moment the fake's control endpoint
+returned the message, on one clock.
 
     python -m bench.latency [--messages N] [--quick] [--seed S]
 
-Both pollers run at the default intervals (0.25 s, 0.05 s in bursts).
+The polling pollers run at the default intervals (0.25 s, 0.05 s in bursts).
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ from tests.servers import ManagedProcess
 
 CHANNEL = "1390012345678901234"
 MODES = ("lenient", "discord-like")
-SERVERS = ("seed", "gateway")
+# The seed; the gateway with runpoller polling REST; with runpoller on the
+# Discord Gateway.
+SERVERS = ("seed", "gateway", "gateway-ws")
+LABELS = {"seed": "seed", "gateway": "gateway, REST", "gateway-ws": "gateway, Gateway"}
 POLL_SECONDS = "0.25"
 BURST_SECONDS = "0.05"
 SETTLE_SECONDS = 3.0  # the poller reaches its steady pace before the first post
@@ -58,6 +63,8 @@ DRAIN_SECONDS = 5.0  # how long to wait for the last messages after the last pos
 GAP_RANGE = (0.3, 1.5)  # uniform random gap between two posts, seconds
 # Targets: gateway / seed, for p50 and p99 alike, per mode.
 TARGETS = {"lenient": 1.0, "discord-like": 0.35}
+# Gateway mode's targets, absolute: p50 and p99 in ms.
+WS_TARGETS = (50.0, 100.0)
 
 
 @dataclass
@@ -132,6 +139,7 @@ class Server:
         else:
             self._gateway = Gateway(access_log=False)
             self._api_base = api_base
+            self._mode = "gateway" if kind == "gateway-ws" else "rest"
 
     def start(self) -> None:
         if self._seed is not None:
@@ -143,14 +151,16 @@ class Server:
             **self._gateway.env(),
             **poller_env(self._api_base),
             "SERVICE_BASE_URL": self._gateway.base_url,
-            "LOG_LEVEL": "INFO",  # the "polling channel" line says it is ready
+            "DISCORD_MODE": self._mode,
+            "LOG_LEVEL": "INFO",  # a log line says it is ready
         }
+        ready = "polling channel" if self._mode == "rest" else "caught up over REST"
         self._poller = ManagedProcess(
             [sys.executable, "manage.py", "runpoller"],
             env=env,
             cwd=REPO_ROOT,
             name="runpoller",
-            ready=lambda p: p.wait_for_output("polling channel", 30),
+            ready=lambda p: p.wait_for_output(ready, 30),
         )
         self._poller.start()
 
@@ -176,7 +186,7 @@ class Server:
 def _message_id(kind: str, data: Any) -> str | None:
     if not isinstance(data, dict):
         return None
-    if kind == "gateway":
+    if kind != "seed":
         if data.get("type") != "job" or not isinstance(data.get("job"), dict):
             return None
         data = data["job"]
@@ -294,9 +304,24 @@ def report(results: list[PhaseResult]) -> str:
         seed = by_key.get((r.mode, "seed"))
         p50_ratio = p99_ratio = None
         target = ""
-        if r.server == "gateway" and seed is not None:
+        if r.server != "seed" and seed is not None:
             p50_ratio = ratio(r.percentile(50), seed.percentile(50))
             p99_ratio = ratio(r.percentile(99), seed.percentile(99))
+        if r.server == "gateway-ws":
+            p50, p99 = r.percentile(50), r.percentile(99)
+            met = (
+                p50 is not None
+                and p99 is not None
+                and p50 < WS_TARGETS[0]
+                and p99 < WS_TARGETS[1]
+                and r.missing == 0
+            )
+            target = (
+                f"p50 < {WS_TARGETS[0]:.0f} ms, p99 < {WS_TARGETS[1]:.0f} ms: "
+                f"{'met' if met else 'MISSED'}"
+            )
+            verdicts.append(f"{r.mode} Gateway mode: {'met' if met else 'missed'}")
+        elif r.server == "gateway" and seed is not None:
             limit = TARGETS[r.mode]
             met = (
                 p50_ratio is not None
@@ -311,7 +336,7 @@ def report(results: list[PhaseResult]) -> str:
         rows.append(
             [
                 r.mode,
-                r.server,
+                LABELS[r.server],
                 fmt(r.percentile(50)),
                 fmt(r.percentile(99)),
                 fmt(max(r.latencies_ms) if r.latencies_ms else None),

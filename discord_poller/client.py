@@ -17,7 +17,7 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -33,6 +33,7 @@ DEFAULT_BAN_COOLDOWN: Final = 300.0
 GLOBAL_WINDOW_SECONDS: Final = 1.0
 
 _MESSAGES_ROUTE: Final = "GET /channels/{channel_id}/messages"
+_GATEWAY_ROUTE: Final = "GET /gateway/bot"
 _SNOWFLAKE = re.compile(r"[0-9]{1,20}")
 # Two X-RateLimit-Reset values this close apart name the same window.
 _SAME_WINDOW = 0.0005
@@ -111,6 +112,8 @@ class ClientStats:
     rate_limit_wait: float = 0.0  # seconds spent waiting before sending
     last_latency: float | None = None  # seconds, of the last answered request
     bans: int = 0
+    # Answers by HTTP status ("200", "429", ...), for /metrics.
+    by_status: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,13 @@ class DiscordClient:
             )
         return data
 
+    async def gateway_bot(self) -> dict[str, Any]:
+        """``GET /gateway/bot``: the Gateway's URL and the session start limit."""
+        data = await self._get_json(_GATEWAY_ROUTE, "gateway", "/gateway/bot", {})
+        if not isinstance(data, dict):
+            raise DiscordError("GET /gateway/bot answered something other than JSON")
+        return data
+
     def next_allowed_in(self, channel_id: str) -> float:
         """Seconds until a request for this channel may be sent; 0 if now.
 
@@ -389,6 +399,8 @@ class DiscordClient:
             raise
         now = self._clock()
         self.stats.last_latency = now - started
+        status = str(response.status_code)
+        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
         info = _Headers.parse(response.headers)
         self._settle(route, major, bucket, now, info)
         logger.debug(

@@ -13,6 +13,8 @@ from discord_poller.publisher import DEFAULT_CAPACITY
 # Discord asks bots to name themselves: "DiscordBot ($url, $version)".
 USER_AGENT: Final = discord_user_agent("https://example.com/job-gateway", "1.0.0")
 _CHANNEL_ID = re.compile(r"[0-9]{1,20}")
+# rest: poll the channels; gateway: receive their messages over the Gateway.
+MODES: Final = ("rest", "gateway")
 
 
 class ConfigError(Exception):
@@ -34,10 +36,11 @@ class PollerConfig:
     job_ttl_seconds: int
     burst_seconds: float = DEFAULT_BURST_SECONDS
     buffer_size: int = DEFAULT_CAPACITY
+    mode: str = "rest"
 
     def __repr__(self) -> str:
         # Never print the secrets, whoever logs this object.
-        return f"<PollerConfig channels={','.join(self.channel_ids)}>"
+        return f"<PollerConfig {self.mode} channels={','.join(self.channel_ids)}>"
 
     @classmethod
     def from_settings(cls, settings: Any) -> PollerConfig:
@@ -54,6 +57,13 @@ class PollerConfig:
         token: str = settings.DISCORD_TOKEN
         if not token.strip() or "\n" in token or "\r" in token:
             raise ConfigError("DISCORD_TOKEN is blank or spans several lines.")
+        mode = str(getattr(settings, "DISCORD_MODE", "rest") or "rest").lower()
+        if mode not in MODES:
+            raise ConfigError(f"DISCORD_MODE must be rest or gateway, not {mode!r}.")
+        if mode == "gateway" and not token.startswith("Bot "):
+            raise ConfigError(
+                'DISCORD_MODE=gateway needs a bot token: DISCORD_TOKEN="Bot <token>".'
+            )
         channels = tuple(dict.fromkeys(str(c) for c in settings.CHANNEL_IDS))
         for channel in channels:
             if not _CHANNEL_ID.fullmatch(channel):
@@ -72,4 +82,5 @@ class PollerConfig:
             api_key=settings.API_KEYS[0],
             hmac_secret=settings.HMAC_SECRETS[0],
             job_ttl_seconds=settings.JOB_TTL_SECONDS,
+            mode=mode,
         )

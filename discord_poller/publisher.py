@@ -26,7 +26,7 @@ import httpx
 from discord_poller.cursor import snowflake_ms
 from discord_poller.embeds import ParsedJob
 from discord_poller.waits import run_until
-from gateway_client.signing import signed_headers
+from gateway_client.signing import signed_headers_v2
 
 logger = logging.getLogger(__name__)
 
@@ -168,11 +168,21 @@ class Publisher:
         job = queue[0]
         self._inflight[channel_id] = job
         try:
-            response = await self._http.post(
-                "/job",
-                json=job.body(now, self._ttl),
-                headers=signed_headers(self._api_key, self._secret, now=now),
+            request = self._http.build_request(
+                "POST", "/job", json=job.body(now, self._ttl)
             )
+            # Signature v2: this request, this body, once (docs/security.md).
+            request.headers.update(
+                signed_headers_v2(
+                    self._api_key,
+                    self._secret,
+                    method=request.method,
+                    target=request.url.raw_path.decode("ascii"),
+                    body=request.content,
+                    now=now,
+                )
+            )
+            response = await self._http.send(request)
         except httpx.HTTPError as exc:
             reason = f"the gateway could not be reached ({type(exc).__name__})"
             return self._retry(channel_id, reason, None)

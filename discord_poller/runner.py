@@ -5,6 +5,10 @@ One task per channel calls ``poll_channel`` (one request, one page) and waits
 the delay it returns; tests call ``poll_channel`` directly. Discord's errors
 are handled per channel: a channel the bot may not read is backed off without
 stopping the others; a rejected token stops everything.
+
+In Gateway mode (``discord_poller.listener``) the same channels, cursors,
+parser and publisher serve: ``take_event`` takes a message pushed by the
+Gateway, and ``catch_up`` reads over REST what came while no session was up.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -29,6 +35,7 @@ from discord_poller.client import (
 )
 from discord_poller.cursor import Cursor, snowflake_ms
 from discord_poller.embeds import parse_message
+from discord_poller.gateway_protocol import GatewayFatal
 from discord_poller.pacing import DEFAULT_BURST_SECONDS, Pace
 from discord_poller.publisher import PendingJob, Publisher
 from discord_poller.waits import run_until, wait_for_stop
@@ -46,6 +53,14 @@ ERROR_BACKOFF_MAX: Final = 30.0
 UNEXPECTED_BACKOFF: Final = 5.0
 # --once reads at most this many pages per channel.
 ONCE_MAX_PAGES: Final = 1000
+# Message ids remembered (Gateway mode): those taken, so that one seen both
+# as an event and over REST is taken once, and those whose job was found, so
+# that an edit does not publish it again.
+REMEMBERED_IDS: Final = 10_000
+
+_SNOWFLAKE = re.compile(r"[0-9]{1,20}")
+
+Reader = Callable[[asyncio.Event], Awaitable[None]]
 
 
 def backoff(first: float, longest: float, failures: int) -> float:
@@ -65,6 +80,10 @@ class ChannelState:
     pace: Pace
     cursor: Cursor = field(default_factory=Cursor)
     failures: int = 0  # in a row; reset by an answered poll
+    caught_up: bool = False  # the last answered poll returned a short page
+    # Gateway mode: a catch-up over REST is due or under way, so the cursor is
+    # not yet the last message of an unbroken run; events must not move it.
+    catching_up: bool = False
     last_poll_at: float | None = None  # unix seconds of the last answered poll
     last_error: str | None = None
 
@@ -122,6 +141,8 @@ class Poller:
         }
         self.stats = PollStats()
         self.fatal: BaseException | None = None
+        self._taken = _RecentIds(REMEMBERED_IDS)
+        self._with_job = _RecentIds(REMEMBERED_IDS)
 
     # --- One poll -------------------------------------------------------------
 
@@ -144,6 +165,7 @@ class Poller:
             return self._failed(channel, exc)
         channel.failures, channel.last_error = 0, None
         channel.last_poll_at = self.stats.last_poll_at = self._clock()
+        channel.caught_up = len(page) < PAGE_SIZE
         self.stats.polls += 1
         found = self._take(channel_id, channel.cursor.advance(page))
         now = self._monotonic()
@@ -158,23 +180,70 @@ class Poller:
             self._discord.next_allowed_in(channel_id),
         )
 
-    def _take(self, channel_id: str, messages: list[Mapping[str, Any]]) -> int:
-        """Queue the jobs of new messages, oldest first; return how many."""
+    def take_event(
+        self, channel_id: str, message: Mapping[str, Any], *, edited: bool = False
+    ) -> int:
+        """Take a message the Gateway pushed; return the jobs queued (0 or 1).
+
+        A message seen before (over REST, or a replayed event) is not taken
+        again. A new message moves the cursor, so that the next catch-up starts
+        after it, unless a catch-up is due: the messages between the cursor and
+        this one are then still to be read over REST. An edit (``edited``) is
+        taken if it now names a job its message did not: a late embed.
+        """
+        channel = self.channels[channel_id]
+        message_id = message.get("id")
+        if not isinstance(message_id, str) or not _is_snowflake(message_id):
+            return 0  # nothing to date it by, or to resume after
+        if message_id in self._taken:
+            if not edited or message_id in self._with_job:
+                return 0
+            return self._take(channel_id, [message], edit=True)
+        if not channel.catching_up:
+            channel.cursor.advance([message])
+        return self._take(channel_id, [message])
+
+    async def catch_up(self, channel_id: str, stop: asyncio.Event) -> None:
+        """Read the channel over REST until a short page, retrying failed polls."""
+        channel = self.channels[channel_id]
+        for _ in range(ONCE_MAX_PAGES):
+            delay = await self.poll_channel(channel_id)
+            if channel.failures == 0 and channel.caught_up:
+                return
+            if channel.failures and await wait_for_stop(stop, delay):
+                return
+
+    def _take(
+        self,
+        channel_id: str,
+        messages: list[Mapping[str, Any]],
+        *,
+        edit: bool = False,
+    ) -> int:
+        """Queue the jobs of new messages (or of an edit), oldest first.
+
+        Returns how many jobs were queued.
+        """
         now = self._clock()
         found = 0
         for message in messages:
             message_id = str(message["id"])  # the cursor kept only snowflakes
+            if not edit and not self._taken.add(message_id):
+                continue  # taken already, from the other source
             if now - snowflake_ms(message_id) / 1000 >= self._ttl:
                 self.stats.skipped_stale += 1
                 continue
             job = parse_message(message, channel_id)
             if job is None:
-                self.stats.skipped_no_job_id += 1
+                if not edit:
+                    self.stats.skipped_no_job_id += 1
                 logger.debug("channel %s message %s: no job", channel_id, message_id)
                 continue
             self._publisher.submit(PendingJob.from_message(job, channel_id, message_id))
+            self._with_job.add(message_id)
             found += 1
-        self.stats.messages += len(messages)
+        if not edit:
+            self.stats.messages += len(messages)
         self.stats.jobs_found += found
         return found
 
@@ -208,15 +277,21 @@ class Poller:
 
     # --- Loops ----------------------------------------------------------------
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(
+        self, stop: asyncio.Event, readers: Sequence[Reader] | None = None
+    ) -> None:
         """Poll and publish until ``stop`` is set, then publish what is left.
 
-        Raises ``Unauthorized`` if Discord rejected the token.
+        ``readers`` replace the poll loops (Gateway mode). Raises
+        ``Unauthorized`` if Discord rejected the token, ``GatewayFatal`` if the
+        Gateway closed for good.
         """
-        tasks = [
-            asyncio.create_task(self._guard(self._poll_forever(channel, stop), stop))
-            for channel in self.channels
-        ]
+        work: list[Awaitable[None]]
+        if readers is None:
+            work = [self._poll_forever(channel, stop) for channel in self.channels]
+        else:
+            work = [reader(stop) for reader in readers]
+        tasks = [asyncio.create_task(self._guard(item, stop)) for item in work]
         tasks += [
             asyncio.create_task(self._guard(self._publisher.run_channel(channel), stop))
             for channel in self.channels
@@ -271,7 +346,7 @@ class Poller:
             await work
         except asyncio.CancelledError:
             raise
-        except Unauthorized as exc:
+        except (Unauthorized, GatewayFatal) as exc:
             self.fatal = exc
             stop.set()
         except Exception as exc:
@@ -287,11 +362,13 @@ class Poller:
         latency = discord.last_latency
         return {
             "state": state,
+            "mode": "rest",
             "pid": os.getpid(),
             "discord": {
                 "last_poll_at": _iso(self.stats.last_poll_at),
                 "latency_ms": None if latency is None else round(latency * 1000, 1),
                 "requests": discord.requests,
+                "responses": dict(sorted(discord.by_status.items())),
                 "rate_limited": discord.rate_limited,
                 "rate_limit_wait_seconds": round(discord.rate_limit_wait, 3),
                 "bans": discord.bans,
@@ -325,3 +402,29 @@ class Poller:
                 "last_error": published.last_error,
             },
         }
+
+
+class _RecentIds:
+    """The last ``size`` ids added, as a set."""
+
+    def __init__(self, size: int) -> None:
+        self._ids: set[str] = set()
+        self._order: deque[str] = deque()
+        self._size = size
+
+    def __contains__(self, item: str) -> bool:
+        return item in self._ids
+
+    def add(self, item: str) -> bool:
+        """Remember ``item``; False if it was already there."""
+        if item in self._ids:
+            return False
+        self._ids.add(item)
+        self._order.append(item)
+        if len(self._order) > self._size:
+            self._ids.discard(self._order.popleft())
+        return True
+
+
+def _is_snowflake(value: str) -> bool:
+    return _SNOWFLAKE.fullmatch(value) is not None

@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import logging
 import signal
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
 from discord_poller.client import DiscordClient, Unauthorized
 from discord_poller.config import USER_AGENT, PollerConfig
+from discord_poller.gateway_protocol import GatewayFatal
+from discord_poller.listener import GatewayListener
 from discord_poller.publisher import Publisher
-from discord_poller.runner import Poller
+from discord_poller.runner import Poller, Reader
 from discord_poller.status import StatusReporter
 
 logger = logging.getLogger(__name__)
@@ -32,10 +35,11 @@ async def serve(
     once: bool = False,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Poll until SIGTERM or SIGINT (or ``stop``); with ``once``, one cycle.
+    """Poll (or listen) until SIGTERM or SIGINT (or ``stop``); ``once``: one cycle.
 
-    Raises ``PollerFailed`` when the token is rejected, or when ``once`` leaves
-    jobs unpublished.
+    Raises ``PollerFailed`` when the token is rejected, when the Gateway closes
+    for good, or when ``once`` leaves jobs unpublished. ``once`` always reads
+    over REST.
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -66,22 +70,41 @@ async def serve(
                 burst_poll_seconds=config.burst_poll_seconds,
                 burst_seconds=config.burst_seconds,
             )
-            logger.info(
-                "polling channel(s) %s every %.3g s (%.3g s in bursts); "
-                "publishing to %s",
-                ", ".join(config.channel_ids),
-                config.poll_seconds,
-                config.burst_poll_seconds,
-                config.service_base_url,
-            )
-            await _run(poller, StatusReporter(poller.report), stop, once)
+            report: Callable[[str], dict[str, Any]] = poller.report
+            readers: list[Reader] | None = None
+            if config.mode == "gateway" and not once:
+                listener = GatewayListener(
+                    poller, discord, config.discord_token, user_agent=USER_AGENT
+                )
+                report, readers = listener.report, listener.readers
+                logger.info(
+                    "reading channel(s) %s from the Discord Gateway; publishing to %s",
+                    ", ".join(config.channel_ids),
+                    config.service_base_url,
+                )
+            else:
+                logger.info(
+                    "polling channel(s) %s every %.3g s (%.3g s in bursts); "
+                    "publishing to %s",
+                    ", ".join(config.channel_ids),
+                    config.poll_seconds,
+                    config.burst_poll_seconds,
+                    config.service_base_url,
+                )
+            reporter = StatusReporter(lambda: report("running"))
+            await _run(poller, reporter, report, readers, stop, once)
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
 
 
 async def _run(
-    poller: Poller, reporter: StatusReporter, stop: asyncio.Event, once: bool
+    poller: Poller,
+    reporter: StatusReporter,
+    report: Callable[[str], dict[str, Any]],
+    readers: list[Reader] | None,
+    stop: asyncio.Event,
+    once: bool,
 ) -> None:
     state = "stopped"
     reporting = asyncio.create_task(reporter.run(stop))
@@ -92,7 +115,10 @@ async def _run(
                 state = "failed"
                 raise PollerFailed(f"{left} jobs could not be published.")
         else:
-            await poller.run(stop)
+            await poller.run(stop, readers)
+    except GatewayFatal as exc:
+        state = "failed"
+        raise PollerFailed(str(exc)) from None
     except Unauthorized:
         state = "failed"
         raise PollerFailed(
@@ -105,7 +131,5 @@ async def _run(
         with contextlib.suppress(asyncio.CancelledError):
             await reporting
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                reporter.write(poller.report(state)), FINAL_WRITE_SECONDS
-            )
+            await asyncio.wait_for(reporter.write(report(state)), FINAL_WRITE_SECONDS)
         logger.info("the poller has %s", state)

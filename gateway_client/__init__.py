@@ -15,30 +15,36 @@ if TYPE_CHECKING:
     from gateway_client.client import GatewayClient, PublishResult
     from gateway_client.errors import (
         AuthError,
+        BadFilter,
         BadRequest,
         GatewayError,
         GatewayUnreachable,
         RateLimited,
         Unavailable,
     )
+    from gateway_client.filters import JobFilter
 
 _EXPORTS = {
     "GatewayClient": "gateway_client.client",
     "PublishResult": "gateway_client.client",
     "AuthError": "gateway_client.errors",
+    "BadFilter": "gateway_client.errors",
     "BadRequest": "gateway_client.errors",
     "GatewayError": "gateway_client.errors",
     "GatewayUnreachable": "gateway_client.errors",
     "RateLimited": "gateway_client.errors",
     "Unavailable": "gateway_client.errors",
+    "JobFilter": "gateway_client.filters",
 }
 
 __all__ = [
     "AuthError",
+    "BadFilter",
     "BadRequest",
     "GatewayClient",
     "GatewayError",
     "GatewayUnreachable",
+    "JobFilter",
     "PublishResult",
     "RateLimited",
     "Unavailable",

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
 
 from gateway_client.config import ConfigError, WorkerConfig
+from gateway_client.filters import JobFilter
 from gateway_client.worker import run
 
 # Exit codes: 0 stopped by a signal, 1 a fatal error, 2 bad usage or settings.
@@ -23,7 +25,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=(
             "Print the gateway's jobs, one JSON line each. Settings come from "
             "BASE_URL, API_KEY, HMAC_SECRET, CONCURRENCY, TIMEOUT, "
-            "INITIAL_BACKOFF, MAX_BACKOFF, RETRIES and LOG_LEVEL."
+            "INITIAL_BACKOFF, MAX_BACKOFF, RETRIES, LOG_LEVEL and, for the "
+            "filter, WHERE (clauses separated by ;), CHANNELS and TIER; the "
+            "filter options below replace those."
         ),
     )
     parser.add_argument(
@@ -32,7 +36,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="follow the /ws push stream (every job) instead of pulling (each once)",
     )
     parser.add_argument(
-        "--channels", metavar="A,B", help="with --ws: only jobs from these channels"
+        "--where",
+        metavar="CLAUSE",
+        action="append",
+        type=_clause,
+        help="only jobs matching this clause, e.g. 'money_per_sec>=10M'; "
+        "repeat it: every clause must hold",
+    )
+    parser.add_argument(
+        "--channels", metavar="A,B", help="only jobs from these channels"
+    )
+    parser.add_argument(
+        "--tier", metavar="NAME", type=_tier, help="only jobs of this named tier"
     )
     parser.add_argument(
         "--since",
@@ -41,9 +56,36 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="with --ws: first replay the jobs after this id",
     )
     args = parser.parse_args(argv)
-    if not args.ws and (args.channels is not None or args.since is not None):
-        parser.error("--channels and --since need --ws")
+    if not args.ws and args.since is not None:
+        parser.error("--since needs --ws")
     return args
+
+
+def _clause(value: str) -> str:
+    try:
+        return JobFilter.of(where=value).where[0]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _tier(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must be a tier's name")
+    return value.strip()
+
+
+def with_options(config: WorkerConfig, args: argparse.Namespace) -> WorkerConfig:
+    """The settings, with the filter options given on the command line in place."""
+    env_filter = config.job_filter
+    try:
+        job_filter = JobFilter.of(
+            args.where or env_filter.where,
+            env_filter.channels if args.channels is None else args.channels,
+            env_filter.tier if args.tier is None else args.tier,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return dataclasses.replace(config, job_filter=job_filter)
 
 
 def _job_id(value: str) -> int:
@@ -58,7 +100,9 @@ def main(
     """Run the worker; return the process exit code."""
     args = parse_args(argv)
     try:
-        config = WorkerConfig.from_env(os.environ if env is None else env)
+        config = with_options(
+            WorkerConfig.from_env(os.environ if env is None else env), args
+        )
     except ConfigError as exc:
         print(f"gateway_client: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -70,9 +114,8 @@ def main(
     # httpx logs every request at INFO: one line per job would drown the rest.
     for noisy in ("httpx", "httpcore", "websockets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    channels = args.channels.split(",") if args.channels else None
     try:
-        return asyncio.run(run(config, ws=args.ws, channels=channels, since=args.since))
+        return asyncio.run(run(config, ws=args.ws, since=args.since))
     except KeyboardInterrupt:
         # Ctrl-C before the signal handlers were installed: still a clean stop.
         return 0

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
 from gateway_client.backoff import Backoff
 from gateway_client.errors import (
+    BadRequest,
     GatewayError,
     GatewayUnreachable,
     error_from_response,
 )
-from gateway_client.signing import signed_headers
+from gateway_client.filters import JobFilter
+from gateway_client.signing import signed_headers, signed_headers_v2
 from gateway_client.stream import stream_jobs
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
@@ -41,20 +46,41 @@ def first_credential(value: str | Sequence[str], name: str) -> str:
     raise ValueError(f"{name} is empty")
 
 
-class _Signer(httpx.Auth):
-    """Signs every request when it is sent, retries and redirects included."""
+SignatureVersion = Literal[1, 2]
+WsAuth = Literal["ticket", "headers"]
 
-    def __init__(self, api_key: str, secret: str) -> None:
+
+class _Signer(httpx.Auth):
+    """Signs every request when it is sent, retries and redirects included.
+
+    v2 (the default) signs the method, the target as httpx sends it and the
+    body, with a fresh nonce each time; v1 signs the timestamp alone.
+    """
+
+    requires_request_body = True
+
+    def __init__(self, api_key: str, secret: str, version: SignatureVersion) -> None:
+        if version not in (1, 2):
+            raise ValueError(f"signature_version must be 1 or 2, not {version!r}")
         self._api_key = api_key
         self._secret = secret
+        self.version = version
 
-    def headers(self) -> dict[str, str]:
-        return signed_headers(self._api_key, self._secret)
+    def __repr__(self) -> str:
+        return f"<_Signer v{self.version}>"
+
+    def headers(self, method: str, target: str, body: bytes = b"") -> dict[str, str]:
+        if self.version == 1:
+            return signed_headers(self._api_key, self._secret)
+        return signed_headers_v2(
+            self._api_key, self._secret, method=method, target=target, body=body
+        )
 
     def auth_flow(
         self, request: httpx.Request
     ) -> Generator[httpx.Request, httpx.Response, None]:
-        request.headers.update(self.headers())
+        target = request.url.raw_path.decode("ascii")
+        request.headers.update(self.headers(request.method, target, request.content))
         yield request
 
 
@@ -64,6 +90,10 @@ class GatewayClient:
     One connection pool is kept open for the client's life. ``timeout`` is the
     time allowed for an answer on top of any long-poll ``wait``. A list (or a
     comma-separated string) of keys or secrets signs with the first.
+    ``signature_version`` 2 (the default) signs each request whole and once;
+    1 is the contract's original, for gateways that predate v2. ``ws_auth``
+    "ticket" (the default) opens ``/ws`` with a single-use ticket, so the key
+    never rides on the handshake; "headers" sends the key (and signature).
     """
 
     def __init__(
@@ -75,6 +105,8 @@ class GatewayClient:
         timeout: float = 30.0,
         max_connections: int = 100,
         transport: httpx.AsyncBaseTransport | None = None,
+        signature_version: SignatureVersion = 2,
+        ws_auth: WsAuth = "ticket",
     ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -83,9 +115,13 @@ class GatewayClient:
             raise ValueError("timeout must be positive")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        if ws_auth not in ("ticket", "headers"):
+            raise ValueError(f"ws_auth must be 'ticket' or 'headers', not {ws_auth!r}")
+        self.ws_auth: WsAuth = ws_auth
         self._signer = _Signer(
             first_credential(api_key, "api_key"),
             first_credential(hmac_secret, "hmac_secret"),
+            signature_version,
         )
         scheme = "wss" if parts.scheme == "https" else "ws"
         path = parts.path.rstrip("/") + "/ws"
@@ -101,6 +137,10 @@ class GatewayClient:
             transport=transport,
             headers={"Accept": "application/json"},
         )
+
+    def __repr__(self) -> str:
+        # Never the key or the secret: a repr ends up in logs and tracebacks.
+        return f"<GatewayClient {self.base_url} signature v{self._signer.version}>"
 
     async def __aenter__(self) -> Self:
         return self
@@ -119,9 +159,24 @@ class GatewayClient:
 
     # --- HTTP ---------------------------------------------------------------
 
-    async def next_job(self, wait: float = 0) -> dict[str, Any] | None:
-        """Claim the oldest job, holding up to ``wait`` seconds; None if none came."""
-        params = {"wait": f"{wait:g}"} if wait else None
+    async def next_job(
+        self,
+        wait: float = 0,
+        *,
+        where: Sequence[str] | str | None = None,
+        channels: Sequence[str] | str | None = None,
+        tier: str | None = None,
+    ) -> dict[str, Any] | None:
+        """Claim the oldest job, holding up to ``wait`` seconds; None if none came.
+
+        ``where`` clauses (``"money_per_sec>=10M"``), ``channels`` and ``tier``
+        claim the oldest job that matches them all instead (docs/filters.md);
+        the others stay queued. A filter the gateway cannot read raises
+        ``BadFilter`` with its detail; a malformed clause, ``ValueError``.
+        """
+        params = JobFilter.of(where, channels, tier).params()
+        if wait:
+            params.append(("wait", f"{wait:g}"))
         response = await self._request(
             "GET", "/job/next", params=params, timeout=self.timeout + wait
         )
@@ -157,19 +212,33 @@ class GatewayClient:
             raise _unexpected(response)
         return body
 
+    async def ws_ticket(self) -> str:
+        """A single-use ticket for one ``/ws`` handshake (``POST /ws/ticket``)."""
+        response = await self._request("POST", "/ws/ticket")
+        ticket = _json_object(response).get("ticket")
+        if response.status_code != 200 or not isinstance(ticket, str) or not ticket:
+            raise _unexpected(response)
+        return ticket
+
     async def _request(
         self,
         method: str,
         path: str,
         *,
-        params: Mapping[str, str] | None = None,
+        params: Sequence[tuple[str, str]] | None = None,
         json: Any = None,
         timeout: float | None = None,
     ) -> httpx.Response:
         request_timeout = self.timeout if timeout is None else timeout
         try:
+            # A list of pairs keeps repeated where= clauses; httpx encodes
+            # them once, and the signer signs the target exactly as encoded.
             response = await self._http.request(
-                method, path, params=params, json=json, timeout=request_timeout
+                method,
+                path,
+                params=tuple(params) if params else None,
+                json=json,
+                timeout=request_timeout,
             )
         except httpx.TimeoutException as exc:
             raise GatewayUnreachable(
@@ -194,32 +263,53 @@ class GatewayClient:
         channels: Sequence[str] | str | None = None,
         since: int | None = None,
         *,
+        where: Sequence[str] | str | None = None,
+        tier: str | None = None,
         retries: int = 0,
         initial_backoff: float = 0.5,
         max_backoff: float = 30.0,
     ) -> AsyncGenerator[dict[str, Any], None]:
         """Jobs pushed on ``/ws``, in id order, each once, across reconnects.
 
-        ``since`` replays the jobs after that id first. Close the iterator when
-        done (``contextlib.aclosing``). Raises ``AuthError`` on refused
-        credentials and, after ``retries`` consecutive failures (0: never),
-        the last failure.
+        ``since`` replays the jobs after that id first. ``channels``, ``where``
+        and ``tier`` push (and replay) only the jobs that match them all, as
+        ``next_job`` claims. Close the iterator when done
+        (``contextlib.aclosing``). Raises ``AuthError`` on refused credentials,
+        ``BadFilter`` when the gateway refuses a handshake carrying a filter
+        although the credentials are good and, after ``retries`` consecutive
+        failures (0: never), the last failure.
         """
-        if isinstance(channels, str):
-            channels = channels.split(",")
-        names = [c.strip() for c in channels or () if c.strip()]
+        job_filter = JobFilter.of(where, channels, tier)
         if since is not None and since < 0:
             raise ValueError("since must be a job id (0 or more)")
         return stream_jobs(
             self.ws_url,
-            headers=self._signer.headers,
+            authorise=self._authorise_handshake,
             check_credentials=self.health,
-            channels=names,
+            job_filter=job_filter,
             since=since,
             backoff=Backoff(initial_backoff, max_backoff),
             retries=retries,
             open_timeout=self.timeout,
         )
+
+    async def _authorise_handshake(self, url: str) -> tuple[str, dict[str, str]]:
+        """The URL and headers that open ``url``: a ticket, or signed headers."""
+        if self.ws_auth == "ticket":
+            try:
+                ticket = await self.ws_ticket()
+            except BadRequest as exc:
+                if exc.status != 404:
+                    raise
+                # A gateway from before tickets: fall back to the headers.
+                logger.warning("the gateway issues no tickets; sending the key")
+                self.ws_auth = "headers"
+            else:
+                separator = "&" if urlsplit(url).query else "?"
+                return f"{url}{separator}ticket={ticket}", {}
+        parts = urlsplit(url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        return url, self._signer.headers("GET", target)
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:

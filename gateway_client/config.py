@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from gateway_client.client import DEFAULT_BASE_URL
+from gateway_client.filters import NO_FILTER, JobFilter
 
 # The gateway holds a long-poll at most 30 s; 25 stays clear of proxies that
 # cut idle requests at 30.
 MAX_WAIT = 25.0
+# WHERE holds several clauses; a comma cannot part them ("players>=1,250").
+WHERE_SEPARATOR = ";"
 # Time left, inside TIMEOUT, for the answer to a long-poll to arrive.
 ANSWER_MARGIN = 5.0
 MAX_CONCURRENCY = 1000
@@ -23,17 +26,23 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """Everything the worker reads from its environment."""
+    """Everything the worker reads from its environment.
+
+    The credentials are left out of ``repr()`` (and so of ``str()``): a config
+    printed in a log line or a traceback must not carry them.
+    """
 
     base_url: str
-    api_key: str
-    hmac_secret: str
+    api_key: str = field(repr=False)
+    hmac_secret: str = field(repr=False)
     concurrency: int = 4
     timeout: float = 30.0
     initial_backoff: float = 0.5
     max_backoff: float = 30.0
     retries: int = 0
     log_level: str = "INFO"
+    # Which jobs to ask for: WHERE, CHANNELS and TIER (docs/filters.md).
+    job_filter: JobFilter = NO_FILTER
 
     @property
     def wait(self) -> float:
@@ -65,6 +74,7 @@ class WorkerConfig:
             max_backoff=maximum,
             retries=_integer(env, "RETRIES", 0, 0, None),
             log_level=_log_level(env),
+            job_filter=_job_filter(env),
         )
 
 
@@ -132,3 +142,18 @@ def _log_level(env: Mapping[str, str]) -> str:
             f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {value!r}"
         )
     return value
+
+
+def _job_filter(env: Mapping[str, str]) -> JobFilter:
+    where = [c for c in (_raw(env, "WHERE") or "").split(WHERE_SEPARATOR) if c.strip()]
+    try:
+        clauses = JobFilter.of(where=where).where
+    except ValueError as exc:
+        raise ConfigError(f"WHERE: {exc}") from None
+    # CHANNELS is any comma-separated list and TIER any non-blank name: the
+    # gateway judges both, when the worker first asks.
+    return JobFilter(
+        clauses,
+        JobFilter.of(channels=_raw(env, "CHANNELS")).channels,
+        _raw(env, "TIER"),
+    )

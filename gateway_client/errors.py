@@ -54,6 +54,15 @@ class BadRequest(GatewayError):
     """Any other 4xx: the request itself is wrong; retrying cannot help."""
 
 
+class BadFilter(BadRequest):
+    """The gateway could not read the filter; ``detail`` names the bad part.
+
+    Over HTTP it is the gateway's ``400 bad_filter``, whose detail is the
+    gateway's own. A ``/ws`` handshake carrying a filter is refused without a
+    reason (HTTP 403): then ``status`` is 403 and ``detail`` lists the filter.
+    """
+
+
 class Unavailable(GatewayError):
     """5xx: the gateway or a service behind it is down; worth retrying."""
 
@@ -76,6 +85,8 @@ def error_from_response(response: httpx.Response) -> GatewayError:
         kind = AuthError
     elif status == 429:
         kind = RateLimited
+    elif status == 400 and code == "bad_filter":
+        kind = BadFilter
     elif 400 <= status < 500:
         kind = BadRequest
     elif status >= 500:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeGuard
 from urllib.parse import urlencode
 
@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from gateway_client.backoff import Backoff
 from gateway_client.errors import (
+    BadFilter,
     BadRequest,
     GatewayError,
     GatewayUnreachable,
@@ -25,6 +26,7 @@ from gateway_client.errors import (
     Unavailable,
     parse_retry_after,
 )
+from gateway_client.filters import NO_FILTER, JobFilter
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +39,9 @@ CLOSE_TIMEOUT = 2.0
 async def stream_jobs(
     ws_url: str,
     *,
-    headers: Callable[[], dict[str, str]],
+    authorise: Callable[[str], Awaitable[tuple[str, dict[str, str]]]],
     check_credentials: Callable[[], Awaitable[object]],
-    channels: Sequence[str] = (),
+    job_filter: JobFilter = NO_FILTER,
     since: int | None = None,
     backoff: Backoff,
     retries: int = 0,
@@ -48,9 +50,11 @@ async def stream_jobs(
 ) -> AsyncGenerator[dict[str, Any], None]:
     """Yield each job pushed on ``ws_url``, reconnecting until closed.
 
-    ``headers`` signs each handshake afresh. ``check_credentials`` is a signed
+    ``authorise`` turns each handshake's URL into the URL and headers that open
+    it (a fresh ticket, or freshly signed headers). ``check_credentials`` is a signed
     HTTP request, made only to tell why a handshake was refused: the gateway
     answers 403 for a bad key, a rate limit and a bad parameter alike.
+    ``job_filter`` goes on every handshake, so replays are filtered too.
     ``retries`` consecutive failures raise the last one (0: never give up).
     """
     # Ids already yielded, so a replay after a reconnect repeats none of them.
@@ -61,9 +65,10 @@ async def stream_jobs(
     while True:
         retry_after: float | None = None
         try:
+            url, headers = await authorise(_url(ws_url, job_filter, resume))
             async with connect(
-                _url(ws_url, channels, resume),
-                additional_headers=headers(),
+                url,
+                additional_headers=headers,
                 open_timeout=open_timeout,
                 close_timeout=CLOSE_TIMEOUT,
             ) as websocket:
@@ -103,7 +108,7 @@ async def stream_jobs(
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status == 403:
-                error = await _why_refused(check_credentials)
+                error = await _why_refused(check_credentials, job_filter)
             elif status == 429 or status >= 500:
                 error = (RateLimited if status == 429 else Unavailable)(
                     f"http_{status}",
@@ -116,6 +121,9 @@ async def stream_jobs(
                     f"http_{status}", status, "the WebSocket handshake was refused"
                 ) from None
             retry_after = error.retry_after
+        except (RateLimited, Unavailable, GatewayUnreachable) as exc:
+            # Getting a ticket failed in a way worth retrying.
+            error, retry_after = exc, exc.retry_after
         except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
             reason = str(exc) or type(exc).__name__
             error = GatewayUnreachable(
@@ -132,6 +140,7 @@ async def stream_jobs(
 
 async def _why_refused(
     check_credentials: Callable[[], Awaitable[object]],
+    job_filter: JobFilter,
 ) -> GatewayError:
     """Raise the fatal reason for a 403 handshake, or return one worth retrying."""
     try:
@@ -139,6 +148,18 @@ async def _why_refused(
     except (RateLimited, Unavailable, GatewayUnreachable) as exc:
         return exc
     # An AuthError (or any other refusal) from the check propagates: fatal.
+    if job_filter.where or job_filter.tier is not None:
+        # The gateway gives no reason on a handshake; its log names the bad
+        # part. The clauses' shape was checked here, so what is left is a
+        # value that is not a number, an unknown tier, or the channels.
+        raise BadFilter(
+            "bad_filter",
+            403,
+            "the gateway refused the WebSocket handshake although the "
+            f"credentials are valid; check the filter ({job_filter}): a "
+            "comparison needs a number or a numbers key, and a tier must be "
+            "one the gateway configures (its log names the bad part)",
+        )
     raise BadRequest(
         "handshake_refused",
         403,
@@ -150,12 +171,13 @@ async def _why_refused(
 SEEN_LIMIT = 10_000
 
 
-def _url(ws_url: str, channels: Sequence[str], since: int | None) -> str:
-    query: dict[str, str] = {}
-    if channels:
-        query["channels"] = ",".join(channels)
+def _url(ws_url: str, job_filter: JobFilter, since: int | None) -> str:
+    query = job_filter.params()
     if since is not None:
-        query["since"] = str(since)
+        query.append(("since", str(since)))
+    # Every value percent-encoded (">=" as %3E%3D, "+" as %2B, a space as
+    # "+"), so the URL is ASCII and websockets sends it unchanged: a signed
+    # handshake signs exactly this target.
     return f"{ws_url}?{urlencode(query, safe=',')}" if query else ws_url
 
 

@@ -17,13 +17,13 @@ import random as _random
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 from gateway_client.backoff import Backoff
 from gateway_client.client import GatewayClient
 from gateway_client.config import WorkerConfig
-from gateway_client.errors import AuthError, GatewayError
+from gateway_client.errors import AuthError, BadFilter, GatewayError
 
 logger = logging.getLogger("gateway_client.worker")
 
@@ -44,6 +44,11 @@ def describe(exc: GatewayError) -> str:
         return (
             f"the gateway refused our credentials ({exc.code}: {exc.detail}); "
             "check API_KEY and HMAC_SECRET"
+        )
+    if isinstance(exc, BadFilter):
+        return (
+            f"the gateway refused the filter ({exc.code}: {exc.detail}); "
+            "check --where/WHERE, --channels/CHANNELS and --tier/TIER"
         )
     return f"the gateway failed the request: {exc}"
 
@@ -86,7 +91,12 @@ class Worker:
         """
         started = self.clock()
         try:
-            job = await self.client.next_job(wait=self.config.wait)
+            job = await self.client.next_job(
+                wait=self.config.wait,
+                where=self.config.job_filter.where,
+                channels=self.config.job_filter.channels,
+                tier=self.config.job_filter.tier,
+            )
         except GatewayError as exc:
             if not exc.retryable:
                 raise WorkerError(describe(exc)) from None
@@ -118,16 +128,20 @@ class Worker:
 
     # --- Streaming ----------------------------------------------------------
 
-    async def follow(
-        self, channels: Sequence[str] | None = None, since: int | None = None
-    ) -> None:
-        """Write every job pushed on ``/ws`` until ``stop``; raise on a fatal error."""
-        await self._until_stopped([asyncio.create_task(self._stream(channels, since))])
+    async def follow(self, since: int | None = None) -> None:
+        """Write every job pushed on ``/ws`` until ``stop``; raise on a fatal error.
 
-    async def _stream(self, channels: Sequence[str] | None, since: int | None) -> None:
+        Every job that matches the configured filter, that is.
+        """
+        await self._until_stopped([asyncio.create_task(self._stream(since))])
+
+    async def _stream(self, since: int | None) -> None:
+        job_filter = self.config.job_filter
         jobs = self.client.stream(
-            channels,
+            job_filter.channels,
             since,
+            where=job_filter.where,
+            tier=job_filter.tier,
             retries=self.config.retries,
             initial_backoff=self.config.initial_backoff,
             max_backoff=self.config.max_backoff,
@@ -185,11 +199,7 @@ class Worker:
 
 
 async def run(
-    config: WorkerConfig,
-    *,
-    ws: bool = False,
-    channels: Sequence[str] | None = None,
-    since: int | None = None,
+    config: WorkerConfig, *, ws: bool = False, since: int | None = None
 ) -> int:
     """Run the worker until SIGINT or SIGTERM (0) or a fatal error (1)."""
     stop = asyncio.Event()
@@ -206,11 +216,16 @@ async def run(
         ) as client:
             worker = Worker(client, config, stop=stop)
             if ws:
-                logger.info("following %s", client.ws_url)
-                await worker.follow(channels, since)
+                logger.info(
+                    "following %s for jobs matching %s",
+                    client.ws_url,
+                    config.job_filter,
+                )
+                await worker.follow(since)
             else:
                 logger.info(
-                    "pulling from %s with %d long-polls of %gs",
+                    "pulling jobs matching %s from %s with %d long-polls of %gs",
+                    config.job_filter,
                     config.base_url,
                     config.concurrency,
                     config.wait,

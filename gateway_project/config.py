@@ -86,6 +86,20 @@ def parse_list(name: str, value: Any) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
+def parse_json_object(name: str, value: Any) -> dict[str, Any]:
+    """Read a JSON object, given as one (settings file) or as JSON text (env)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"{name} must be a JSON object, not {value!r}."
+            ) from None
+    if not isinstance(value, dict):
+        raise ImproperlyConfigured(f"{name} must be a JSON object, not {value!r}.")
+    return value
+
+
 def _check_bounds(
     name: str, number: float, minimum: float | None, maximum: float | None
 ) -> None:
@@ -152,6 +166,10 @@ class Config:
     def boolean(self, name: str, default: bool) -> bool:
         value = self.raw(name)
         return default if value is None else parse_bool(name, value)
+
+    def json_object(self, name: str) -> dict[str, Any]:
+        value = self.raw(name)
+        return {} if value in (None, "") else parse_json_object(name, value)
 
     def strings(self, name: str, default: list[str] | None = None) -> list[str]:
         value = self.raw(name)

@@ -15,6 +15,7 @@ import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
 from gateway_project.config import Config
+from jobs.filters import FilterError, parse_tiers
 
 # Lets the admin and querysets take type parameters at run time (ModelAdmin[Job]).
 django_stubs_ext.monkeypatch()
@@ -135,6 +136,11 @@ WHITENOISE_USE_FINDERS = not STATIC_MANIFEST
 
 REDIS_URL = config.string("REDIS_URL")
 
+# Each process reads every published job from one channel of the channel layer
+# (jobs.fanout). A process behind on a burst finds the jobs waiting there: at
+# the layers' default capacity of 100, the 101st would be dropped unseen.
+FANOUT_BACKLOG = 10_000
+
 if REDIS_URL:
     CACHES = {
         "default": {
@@ -156,13 +162,19 @@ if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": _CHANNEL_LAYER_BACKENDS[CHANNEL_LAYER],
-            "CONFIG": {"hosts": [REDIS_URL]},
+            # capacity: RedisChannelLayer's; the pub/sub layer has no backlog.
+            "CONFIG": {"hosts": [REDIS_URL], "capacity": FANOUT_BACKLOG},
         }
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     CHANNEL_LAYER = "memory"
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels.layers.InMemoryChannelLayer",
+            "CONFIG": {"capacity": FANOUT_BACKLOG},
+        }
+    }
     # django-ratelimit refuses LocMem (E003) because counts are per process. The
     # embedded default is one process, where per-process counts are the counts.
     SILENCED_SYSTEM_CHECKS = ["django_ratelimit.E003"]
@@ -185,6 +197,10 @@ HMAC_SECRETS = config.strings("HMAC_SECRET")
 METRICS_TOKEN = config.string("METRICS_TOKEN")
 TIMESTAMP_TOLERANCE = config.integer("TIMESTAMP_TOLERANCE", 60, minimum=1)
 WS_REQUIRE_SIGNATURE = config.boolean("WS_REQUIRE_SIGNATURE", False)
+# Refuse v1 signatures (timestamp only, replayable): docs/security.md.
+REQUIRE_SIGNATURE_V2 = config.boolean("REQUIRE_SIGNATURE_V2", False)
+# Seconds a ticket from POST /ws/ticket stays good for its one handshake.
+WS_TICKET_TTL = config.integer("WS_TICKET_TTL", 30, minimum=1, maximum=300)
 
 RATE_LIMIT_PER_MINUTE = config.integer("RATE_LIMIT_PER_MINUTE", 0, minimum=0)
 RATE_LIMIT_WINDOW_SECONDS = config.integer("RATE_LIMIT_WINDOW_SECONDS", 60, minimum=1)
@@ -198,6 +214,12 @@ DEDUP_WINDOW_SECONDS = config.integer("DEDUP_WINDOW_SECONDS", 60, minimum=0)
 MAX_JOB_BYTES = config.integer("MAX_JOB_BYTES", 16384, minimum=256)
 JOB_RETENTION_HOURS = config.integer("JOB_RETENTION_HOURS", 24, minimum=1)
 HEADLESS_MODE = config.boolean("HEADLESS_MODE", True)
+# Named filters for tier= (docs/filters.md): {"10m+": "where=money_per_sec>=10M"}.
+TIERS = config.json_object("TIERS")
+try:
+    parse_tiers(TIERS)
+except FilterError as exc:
+    raise ImproperlyConfigured(f"TIERS: {exc}") from None
 PORT = config.integer("PORT", 8000, minimum=1, maximum=65535)
 
 # Django refuses bodies over this before our own MAX_JOB_BYTES check can.
@@ -212,6 +234,8 @@ DISCORD_API_BASE = (
 ).rstrip("/")
 DISCORD_POLL_SECONDS = config.number("DISCORD_POLL_SECONDS", 0.25, minimum=0.0)
 BURST_POLL_SECONDS = config.number("BURST_POLL_SECONDS", 0.05, minimum=0.0)
+# rest (poll) or gateway (Discord's Gateway); checked by discord_poller.config.
+DISCORD_MODE = config.string("DISCORD_MODE", "rest")
 SERVICE_BASE_URL = (
     config.string("SERVICE_BASE_URL", f"http://127.0.0.1:{PORT}") or ""
 ).rstrip("/")

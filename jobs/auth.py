@@ -1,30 +1,93 @@
-"""Who is calling: the signing checks of contract section 1, and the client's IP."""
+"""Who is calling: the signing checks (v1 and v2), and the client's IP."""
 
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
+from urllib.parse import quote
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
 
 from gateway_client import signing
+from jobs import onetime
 from jobs.responses import ApiError
 
+# Characters a path may carry unescaped (RFC 3986 pchar and "/"), for the rare
+# request that reaches us without its raw path.
+_PATH_SAFE = "/:@!$&'()*+,;=~"
 
-def authenticate(request: HttpRequest) -> None:
-    """Raise a 401 ``ApiError`` naming the first signing check that fails."""
-    headers = request.headers
+
+async def authenticate(request: HttpRequest) -> signing.Verified:
+    """Raise a 401 ``ApiError`` naming the first signing check that fails.
+
+    A v2 request's nonce is remembered afterwards, so the same request is
+    refused the second time (``replayed_nonce``).
+    """
     try:
-        signing.verify(
-            headers.get(signing.API_KEY_HEADER),
-            headers.get(signing.TIMESTAMP_HEADER),
-            headers.get(signing.SIGNATURE_HEADER),
+        verified = signing.verify_request(
+            request.headers,
+            method=request.method or "",
+            target=request_target(request),
+            body=lambda: _body(request),
             api_keys=settings.API_KEYS,
             secrets=settings.HMAC_SECRETS,
             tolerance=settings.TIMESTAMP_TOLERANCE,
+            require_v2=settings.REQUIRE_SIGNATURE_V2,
         )
     except signing.SignatureError as exc:
         raise ApiError(401, exc.code, exc.detail) from None
+    await remember_nonce(verified)
+    return verified
+
+
+async def remember_nonce(verified: signing.Verified) -> None:
+    """Refuse a v2 nonce seen within its window; remember a new one.
+
+    Only after the signature checked out: nobody without the secret can fill
+    the store. Each nonce is kept until its timestamp goes stale.
+    """
+    if verified.nonce is None:
+        return
+    lifetime = verified.nonce_lifetime(settings.TIMESTAMP_TOLERANCE)
+    if not await onetime.add("nonce:" + verified.nonce, "1", lifetime):
+        raise ApiError(
+            401, "replayed_nonce", "This X-NONCE was used already; sign afresh."
+        )
+
+
+def request_target(request: HttpRequest) -> str:
+    """The path and query as the client sent them, for signature v2."""
+    scope: dict[str, Any] = getattr(request, "scope", None) or {}
+    return scope_target(scope) if scope else _rebuilt_target(request)
+
+
+def scope_target(scope: dict[str, Any]) -> str:
+    """An ASGI scope's request target: the raw path, then ``?`` and the query."""
+    raw_path = scope.get("raw_path")
+    if raw_path:
+        path = bytes(raw_path).decode("latin-1")
+    else:
+        path = quote(scope.get("path", ""), safe=_PATH_SAFE)
+    query = bytes(scope.get("query_string", b"")).decode("latin-1")
+    return f"{path}?{query}" if query else path
+
+
+def _rebuilt_target(request: HttpRequest) -> str:
+    query = request.META.get("QUERY_STRING", "")
+    path = quote(request.path, safe=_PATH_SAFE)
+    return f"{path}?{query}" if query else path
+
+
+def _body(request: HttpRequest) -> bytes:
+    try:
+        return request.body
+    except RequestDataTooBig:
+        # Past even Django's cap: the body cannot be hashed, nor accepted.
+        raise ApiError(
+            413, "too_large", f"The body is over {settings.MAX_JOB_BYTES} bytes."
+        ) from None
 
 
 def client_ip(remote_addr: str | None, forwarded_for: str | None) -> str:

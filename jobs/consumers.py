@@ -1,4 +1,8 @@
-"""The ``/ws`` consumer (contract section 3): push every job, replay on reconnect."""
+"""The ``/ws`` consumer (contract section 3): push every job, replay on reconnect.
+
+``where=``, ``channels=`` and ``tier=`` in the handshake (docs/filters.md) narrow
+both the live stream and the replay to the jobs the filter matches.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +16,15 @@ from urllib.parse import parse_qs
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from gateway_client import signing
-from jobs import deliveries, fanout, metrics, presence
+from jobs import deliveries, fanout, metrics, presence, tickets
 from jobs import logging as logs
-from jobs.auth import client_ip
+from jobs.auth import client_ip, remember_nonce, scope_target
 from jobs.db import in_db_thread
+from jobs.filters import MAX_CLAUSES, FilterError, JobFilter, requested_filter
 from jobs.models import Job
-from jobs.payloads import CHANNEL_RE
 from jobs.ratelimits import check_rate_limit
 from jobs.responses import ApiError
 
@@ -27,8 +32,8 @@ logger = logging.getLogger(__name__)
 
 # Clients only ever send pings; anything bigger is a mistake or an attack.
 MAX_CLIENT_FRAME = 4096
-# A long channel list is a mistake, and work on every job for nothing.
-MAX_CHANNELS = 50
+# Room for every where= clause besides the handshake's other parameters.
+MAX_QUERY_FIELDS = 20 + MAX_CLAUSES
 # Replay reads the store this many jobs at a time, so a reconnect after a long
 # absence never holds every unexpired job in memory at once.
 REPLAY_BATCH = 500
@@ -72,7 +77,7 @@ class HandshakeError(ValueError):
 class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     """One connected client: authorised before accept, then jobs as they come."""
 
-    channels: frozenset[str]  # empty: every channel
+    job_filter: JobFilter  # empty: every job
     counted: bool
     attached: bool
     # Live frames wait here until the replay is sent; then they flow directly.
@@ -85,7 +90,7 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     replay_floor: int
 
     async def connect(self) -> None:
-        self.channels = frozenset()
+        self.job_filter = JobFilter()
         self.counted = False
         self.attached = False
         self.pending = []
@@ -97,17 +102,18 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             query = _query(self.scope)
             await self._authorise(query)
             since = _since(query)
-            channels = _channels(query)
+            job_filter = _filter(self.scope)
         except (HandshakeError, ApiError) as exc:
             logger.info("WebSocket handshake refused: %s", exc)
             # Closing before accept() answers the handshake with HTTP 403.
             await self.close()
             logs.websocket_access(self.scope, 403, started)
             return
-        self.channels = frozenset(channels)
+        self.job_filter = job_filter
         # Subscribe first, then read the store: a job published meanwhile is
         # then in the replay, in the live stream, or both, never in neither.
-        await fanout.hub().attach(self)
+        # The hub sends this client only the jobs its filter matches.
+        await fanout.hub().attach(self, job_filter)
         self.attached = True
         await self.accept(headers=[(b"x-request-id", rid.encode())])
         logs.websocket_access(self.scope, 101, started)
@@ -118,7 +124,7 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             {"type": "hello", "server_time": time.time(), "last_id": await _last_id()}
         )
         if since is not None:
-            await self._replay(since, channels)
+            await self._replay(since)
         await self._go_live()
 
     async def disconnect(self, code: int) -> None:
@@ -155,9 +161,7 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         )
 
     async def deliver(self, job: dict[str, Any], frame: str) -> None:
-        """A published job, from this process's fan-out hub (``jobs.fanout``)."""
-        if self.channels and job["channel"] not in self.channels:
-            return
+        """A job this client's filter matches, from the fan-out hub (jobs.fanout)."""
         if self.pending is not None:
             self.pending.append((job, frame))
             return
@@ -179,21 +183,22 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             self.replayed.discard(job_id)  # each job arrives live at most once
             return
         await self.send(text_data=frame)
-        deliveries.sent(job_id)  # the dashboard's latency; never waits
-        metrics.first_delivery(job)
+        deliveries.sent(job)  # the dashboard's and the metric's; never waits
 
-    async def _replay(self, since: int, channels: list[str]) -> None:
+    async def _replay(self, since: int) -> None:
         # The client has seen since: a live frame for it (or older) that was
         # still on its way from another process when the client attached is
         # not sent again.
         self.replay_floor = since
         cursor = since
+        job_filter = self.job_filter
         while True:
-            batch = await _replay_batch(cursor, channels)
-            for job in batch:
+            batch = await _replay_batch(cursor, job_filter.channels)
+            wanted = [job for job in batch if _wants(job_filter, job)]
+            for job in wanted:
                 await self._send({"type": "job", "job": job})
-                deliveries.sent(job["id"])
-            self._remember([job["id"] for job in batch])
+                deliveries.sent(job, replayed=True)
+            self._remember([job["id"] for job in wanted])
             if len(batch) < REPLAY_BATCH:
                 return
             cursor = batch[-1]["id"]
@@ -206,26 +211,57 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             self.replayed = set(kept)
 
     async def _authorise(self, query: dict[str, str]) -> None:
+        """A ticket from ``POST /ws/ticket``, or the key (and signature if required).
+
+        v2 signs the handshake as ``GET``, its path and query as sent, and an
+        empty body; v2 rides in headers only (docs/security.md).
+        """
         headers = {
             name.decode("latin-1").lower(): value.decode("latin-1")
             for name, value in self.scope.get("headers", [])
         }
         try:
-            signing.check_api_key(
-                headers.get("x-api-key") or query.get("api_key"), settings.API_KEYS
-            )
-            if settings.WS_REQUIRE_SIGNATURE:
-                signing.check_signature(
-                    headers.get("x-timestamp") or query.get("ts"),
-                    headers.get("x-signature") or query.get("sig"),
-                    settings.HMAC_SECRETS,
-                    tolerance=settings.TIMESTAMP_TOLERANCE,
-                )
+            if "ticket" in query:
+                await tickets.redeem(query["ticket"])
+            else:
+                await self._check_credentials(headers, query)
         except signing.SignatureError as exc:
             raise HandshakeError(exc.code) from None
+        except tickets.TicketRefused as exc:
+            raise HandshakeError(str(exc)) from None
+        except (RedisError, OSError) as exc:
+            raise HandshakeError(f"the store is unavailable: {exc}") from None
         client = self.scope.get("client") or (None, None)
         ip = client_ip(client[0], headers.get("x-forwarded-for"))
         await check_rate_limit(None, ip)
+
+    async def _check_credentials(
+        self, headers: dict[str, str], query: dict[str, str]
+    ) -> None:
+        # Clients that cannot set headers put the v1 values in the query.
+        offered = {
+            "x-api-key": headers.get("x-api-key") or query.get("api_key"),
+            "x-timestamp": headers.get("x-timestamp") or query.get("ts"),
+            "x-signature": headers.get("x-signature") or query.get("sig"),
+            "x-signature-version": headers.get("x-signature-version"),
+            "x-nonce": headers.get("x-nonce"),
+        }
+        if not settings.WS_REQUIRE_SIGNATURE:
+            signing.check_api_key(offered["x-api-key"], settings.API_KEYS)
+            return
+        verified = signing.verify_request(
+            {name: value for name, value in offered.items() if value is not None},
+            method="GET",
+            target=scope_target(self.scope),
+            api_keys=settings.API_KEYS,
+            secrets=settings.HMAC_SECRETS,
+            tolerance=settings.TIMESTAMP_TOLERANCE,
+            require_v2=settings.REQUIRE_SIGNATURE_V2,
+        )
+        try:
+            await remember_nonce(verified)
+        except ApiError as exc:
+            raise HandshakeError(exc.code) from None
 
     async def _send(self, frame: Frame) -> None:
         await self.send(text_data=json.dumps(frame, separators=(",", ":")))
@@ -239,7 +275,10 @@ def _query(scope: dict[str, Any]) -> dict[str, str]:
     try:
         # Blank values kept: "since=" is malformed, not absent.
         parsed = parse_qs(
-            raw, keep_blank_values=True, strict_parsing=bool(raw), max_num_fields=20
+            raw,
+            keep_blank_values=True,
+            strict_parsing=bool(raw),
+            max_num_fields=MAX_QUERY_FIELDS,
         )
     except ValueError:
         raise HandshakeError("malformed query string") from None
@@ -256,18 +295,23 @@ def _since(query: dict[str, str]) -> int | None:
     return int(raw)
 
 
-def _channels(query: dict[str, str]) -> list[str]:
-    raw = query.get("channels")
-    if raw is None:
-        return []
-    channels = [c.strip() for c in raw.split(",")]
-    if len(channels) > MAX_CHANNELS or not all(
-        CHANNEL_RE.fullmatch(c) for c in channels
-    ):
-        raise HandshakeError(
-            f"channels must be a comma-separated list of at most {MAX_CHANNELS} ids"
+def _filter(scope: dict[str, Any]) -> JobFilter:
+    """The handshake's filter; every ``where=`` counts, not only the last."""
+    raw = scope.get("query_string", b"").decode("latin-1")
+    # Well-formed already: _query() has read this string.
+    params = parse_qs(raw, keep_blank_values=True)
+    try:
+        return requested_filter(
+            params.get("where", []),
+            params["channels"][-1] if "channels" in params else None,
+            params["tier"][-1] if "tier" in params else None,
         )
-    return sorted(set(channels))
+    except FilterError as exc:
+        raise HandshakeError(f"bad filter: {exc}") from None
+
+
+def _wants(job_filter: JobFilter, job: dict[str, Any]) -> bool:
+    return job_filter.is_empty or job_filter.matches(job)
 
 
 @in_db_thread
@@ -276,9 +320,10 @@ def _last_id() -> int | None:
 
 
 @in_db_thread
-def _replay_batch(after: int, channels: list[str]) -> list[dict[str, Any]]:
+def _replay_batch(after: int, channels: frozenset[str] | None) -> list[dict[str, Any]]:
     # Bounded by design: only unexpired jobs, and a batch of them at a time.
+    # Channels are narrowed here; the rest of the filter by the caller.
     jobs = Job.objects.filter(id__gt=after, expires_at__gt=timezone.now())
-    if channels:
-        jobs = jobs.filter(channel__in=channels)
+    if channels is not None:
+        jobs = jobs.filter(channel__in=sorted(channels))
     return [job.to_wire() for job in jobs.order_by("id")[:REPLAY_BATCH]]

@@ -1,10 +1,12 @@
-"""When each job first reached a WebSocket client: ``Job.delivered_at``.
+"""When each job first reached a client: ``Job.delivered_at`` and the latency metric.
 
-The consumer calls ``sent()`` after each job frame. The first frame of a job in
-this process notes the time; a background task writes the noted times a moment
-later, in one statement per batch, from a worker thread. A frame never waits
-for the database, and a job costs at most one write per process. Claims record
-their own delivery (``jobs.queues``); whichever came first is kept.
+The consumer calls ``sent()`` after each job frame, and ``GET /job/next``
+calls ``claimed()`` after each claim. A job's first delivery in this process
+observes its latency (``gateway_delivery_latency_seconds``); a first frame also
+notes the time, which a background task writes a moment later, in one
+statement per batch, from a worker thread. A frame never waits for the
+database, and a job costs at most one write per process. Claims record their
+own delivery (``jobs.queues``); whichever came first is kept.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import itertools
 import logging
 from collections import deque
 from datetime import datetime
+from typing import Any
 
 from django.db import connection
 from django.db.models import Case, DateTimeField, Value, When
 from django.utils import timezone
 
-from jobs import queues
+from jobs import metrics, queues
 from jobs.db import in_db_thread
 from jobs.models import Job
 
@@ -43,15 +46,15 @@ _pending: dict[int, datetime] = {}
 _flushers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
 
 
-def sent(job_id: int) -> None:
-    """Note that job ``job_id`` has just been sent to a client. Never waits."""
-    if job_id in _noted:
+def sent(job: dict[str, Any], *, replayed: bool = False) -> None:
+    """Note that ``job`` has just been sent to a client. Never waits.
+
+    A replay (``since=``) is catch-up, not latency: it is recorded, not observed.
+    """
+    now = _first_delivery(job, observe=not replayed)
+    if now is None:
         return
-    _noted.add(job_id)
-    _noted_order.append(job_id)
-    if len(_noted_order) > MEMORY:
-        _noted.discard(_noted_order.popleft())
-    _pending[job_id] = timezone.now()
+    _pending[job["id"]] = now
     loop = asyncio.get_running_loop()
     flusher = _flushers.get(loop)
     if flusher is None or flusher.done():
@@ -59,6 +62,28 @@ def sent(job_id: int) -> None:
         for old in [key for key, task in _flushers.items() if task.done()]:
             del _flushers[old]
         _flushers[loop] = loop.create_task(_flush_later())
+
+
+def claimed(job: dict[str, Any]) -> None:
+    """Note that a claim handed ``job`` out; the claim recorded the time."""
+    metrics.JOBS_CLAIMED.inc()
+    _first_delivery(job)
+
+
+def _first_delivery(job: dict[str, Any], *, observe: bool = True) -> datetime | None:
+    """The time now if this is ``job``'s first delivery in this process."""
+    job_id = job["id"]
+    if job_id in _noted:
+        return None  # the common case for a broadcast: no clock read, no parsing
+    _noted.add(job_id)
+    _noted_order.append(job_id)
+    if len(_noted_order) > MEMORY:
+        _noted.discard(_noted_order.popleft())
+    now = timezone.now()
+    if observe:
+        created = datetime.fromisoformat(job["created_at"])
+        metrics.DELIVERY_LATENCY.observe(max(0.0, (now - created).total_seconds()))
+    return now
 
 
 async def flush() -> None:

@@ -6,6 +6,10 @@ serialised frame to each of its clients that wants it. Delivering through the
 channel layer to each client instead (a group member per client) cost about
 four times the CPU per frame and, with 1,000 clients, overflowed the per-channel
 capacity and dropped frames (docs/benchmarks.md).
+
+Clients are grouped by their filter (docs/filters.md): a job is matched once
+per distinct filter, then written to every client of each matching group, so
+1,000 clients sharing five filters cost five matches per job, not 1,000.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any, Protocol
 from channels.layers import get_channel_layer
 
 from jobs import groups
+from jobs.filters import JobFilter
 
 logger = logging.getLogger(__name__)
 
@@ -31,34 +36,60 @@ class Client(Protocol):
         """Send one job's frame, or keep it, or skip it."""
 
 
+EVERYTHING = JobFilter()
+
+
 class Hub:
     """This process's one subscription, shared by every connected client."""
 
     def __init__(self) -> None:
-        self.clients: set[Client] = set()
+        # Equal filters are one key (JobFilter is a frozen dataclass).
+        self.groups: dict[JobFilter, set[Client]] = {}
+        self._filters: dict[Client, JobFilter] = {}
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def attach(self, client: Client) -> None:
-        """Add a client; returns once jobs published from now on will reach it."""
+    @property
+    def clients(self) -> set[Client]:
+        return set(self._filters)
+
+    async def attach(self, client: Client, job_filter: JobFilter = EVERYTHING) -> None:
+        """Add a client wanting the jobs ``job_filter`` matches.
+
+        Returns once jobs published from now on will reach it.
+        """
         if self._task is None or self._task.done():
             self._subscribed.clear()
             self._task = asyncio.create_task(self._run())
-        self.clients.add(client)
+        self.detach(client)
+        self._filters[client] = job_filter
+        self.groups.setdefault(job_filter, set()).add(client)
         await self._subscribed.wait()
 
     def detach(self, client: Client) -> None:
-        self.clients.discard(client)
+        job_filter = self._filters.pop(client, None)
+        if job_filter is None:
+            return
+        members = self.groups.get(job_filter)
+        if members is not None:
+            members.discard(client)
+            if not members:
+                del self.groups[job_filter]
 
     async def dispatch(self, job: dict[str, Any]) -> None:
-        """Write one job to every client, serialised once."""
-        frame = json.dumps({"type": "job", "job": job}, separators=(",", ":"))
-        for client in list(self.clients):
-            try:
-                await client.deliver(job, frame)
-            except Exception:
-                # One broken connection must not cost the others their frame.
-                logger.exception("could not deliver job %s to a client", job["id"])
+        """Write one job to every client that wants it, serialised once."""
+        frame: str | None = None
+        for job_filter, members in list(self.groups.items()):
+            if not _wants(job_filter, job):
+                continue
+            if frame is None:
+                frame = json.dumps({"type": "job", "job": job}, separators=(",", ":"))
+            for client in list(members):
+                try:
+                    await client.deliver(job, frame)
+                except Exception:
+                    # One broken connection must not cost the others their frame.
+                    logger.exception("could not deliver job %s to a client", job["id"])
 
     async def _run(self) -> None:
         layer = get_channel_layer()
@@ -92,6 +123,11 @@ class Hub:
                 continue
             if message.get("type") == "job.published":
                 await self.dispatch(message["job"])
+
+
+def _wants(job_filter: JobFilter, job: dict[str, Any]) -> bool:
+    """Whether a group wants a job: one match for the whole group."""
+    return job_filter.is_empty or job_filter.matches(job)
 
 
 _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = (

@@ -15,12 +15,16 @@ operator-defined filter from ``TIERS``. A job without the key never matches.
 from __future__ import annotations
 
 import hashlib
+import json
 import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qs
+
+from django.conf import settings
 
 from jobs.numbers import Number, parse_number, snake_key
 from jobs.payloads import CHANNEL_RE
@@ -96,8 +100,14 @@ class JobFilter:
             return False
         if not self.clauses:
             return True
-        texts = _texts(job)
+        # Reading the texts normalises every field name: only when asked for.
+        texts = _texts(job) if self.reads_text else {}
         return all(clause.matches(job, texts) for clause in self.clauses)
+
+    @property
+    def reads_text(self) -> bool:
+        """Whether a clause tests ``title`` or a field, not only ``numbers``."""
+        return any(clause.text is not None for clause in self.clauses)
 
     def canonical(self) -> str:
         """One spelling per meaning: clause order and duplicates do not count."""
@@ -217,3 +227,21 @@ def parse_tiers(raw: Mapping[str, str]) -> dict[str, JobFilter]:
         except FilterError as exc:
             raise FilterError(f"Tier {name!r}: {exc}") from None
     return tiers
+
+
+def configured_tiers() -> dict[str, JobFilter]:
+    """The ``TIERS`` setting, read (and checked at start-up) by its parser."""
+    raw = getattr(settings, "TIERS", None) or {}
+    return _parsed_tiers(json.dumps(raw, sort_keys=True))
+
+
+@lru_cache(maxsize=8)
+def _parsed_tiers(raw: str) -> dict[str, JobFilter]:
+    return parse_tiers(json.loads(raw))
+
+
+def requested_filter(
+    where: Sequence[str], channels: str | None, tier: str | None
+) -> JobFilter:
+    """The filter of a request to either interface, tiers as configured."""
+    return build_filter(where, channels, tier, configured_tiers())

@@ -26,6 +26,9 @@ class Job(models.Model):
     message_id = models.CharField(max_length=64, null=True, blank=True, unique=True)
     title = models.CharField(max_length=256, null=True, blank=True)  # noqa: DJ001
     fields = models.JSONField(default=dict, blank=True)
+    # What the fields state as numbers (jobs.numbers), read once at publish so
+    # that every claim, push and replay filters on it without re-parsing.
+    numbers = models.JSONField(default=dict, blank=True, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
     expires_at = models.DateTimeField()
 
@@ -74,6 +77,7 @@ class Job(models.Model):
             "message_id": self.message_id,
             "title": self.title,
             "fields": self.fields,
+            "numbers": self.numbers,
             "created_at": _iso(self.created_at),
             "expires_at": _iso(self.expires_at),
         }

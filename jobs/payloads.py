@@ -54,6 +54,10 @@ def parse_job(body: bytes) -> JobDraft:
 
 def draft_from_mapping(data: dict[str, Any]) -> JobDraft:
     """Validate a decoded job object."""
+    if "numbers" in data:
+        # The gateway reads numbers from the fields itself (jobs.numbers), so
+        # that a filter means the same for every job, whoever posted it.
+        raise _bad("numbers", "is set by the gateway from 'fields'; send the text")
     unknown = sorted(set(data) - ALLOWED_KEYS)
     if unknown:
         raise _bad(unknown[0], "is not a job field")
@@ -101,19 +105,36 @@ def _optional_text(data: dict[str, Any], name: str, max_length: int) -> str | No
     return value
 
 
+def _whole(value: Any) -> int | None:
+    """``value`` as an int if it is a JSON integer, else None.
+
+    JSON (and JSON Schema) make no difference between ``5`` and ``5.0``, and
+    some encoders write the latter; a float is taken only while it is exact.
+    """
+    # bool is an int in Python, never a number here.
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return None
+
+
 def _place_id(value: Any) -> int | None:
     if value is None:
         return None
-    # bool is an int in Python, never a place id.
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 2**63:
+    place_id = _whole(value)
+    if place_id is None or not 0 < place_id < 2**63:
         raise _bad("place_id", "must be a positive integer or null")
-    return value
+    return place_id
 
 
-def _ttl(value: Any) -> int | None:
-    if value is None:
+def _ttl(raw: Any) -> int | None:
+    if raw is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    value = _whole(raw)
+    if value is None:
         raise _bad("ttl", "must be a whole number of seconds")
     if not 1 <= value <= MAX_TTL_SECONDS:
         raise _bad("ttl", f"must be between 1 and {MAX_TTL_SECONDS} seconds")

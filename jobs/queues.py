@@ -4,6 +4,12 @@ Each job is handed to exactly one caller, oldest first, and an expired job is
 never handed out. ``database`` keeps the queue in the job table itself (the
 default); ``redis`` keeps job ids in a Redis list, as the seed service did, and
 still records claims in the table for the admin.
+
+A claim with a filter (docs/filters.md) takes the oldest job that matches,
+never another: it reads the queue oldest first, in batches, tests each job in
+Python, and takes the first match with a conditional write that only one
+claimer can win. Its cost grows with the jobs it reads before the match; a
+claim without a filter is the one-statement claim, unchanged.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ from django.utils import timezone
 
 from jobs import metrics, redis_clients
 from jobs.db import in_db_thread
+from jobs.filters import JobFilter
 from jobs.models import Job
 
 logger = logging.getLogger(__name__)
 
 QUEUE_KEY = "gateway:queue"
+# Jobs a filtered claim reads at a time, from the table or the Redis list.
+SCAN_BATCH = 500
 
 
 class Queue(Protocol):
@@ -38,8 +47,10 @@ class Queue(Protocol):
     def enqueue(self, job: Job) -> None:
         """Make a committed job claimable; raise if that failed."""
 
-    async def claim(self, claimer: str) -> dict[str, Any] | None:
-        """Hand the oldest unexpired job to ``claimer``, or None when empty."""
+    async def claim(
+        self, claimer: str, job_filter: JobFilter | None = None
+    ) -> dict[str, Any] | None:
+        """Hand the oldest unexpired job (that ``job_filter`` matches) or None."""
 
     async def depth(self) -> int:
         """How many jobs wait (expired ones may be counted until swept)."""
@@ -57,10 +68,14 @@ class DatabaseQueue:
         # A stored job with status "queued" is already in the queue.
         pass
 
-    async def claim(self, claimer: str) -> dict[str, Any] | None:
+    async def claim(
+        self, claimer: str, job_filter: JobFilter | None = None
+    ) -> dict[str, Any] | None:
         if not _maybe_queued():
             return None
-        return await _claim_from_table(claimer)
+        if job_filter is None or job_filter.is_empty:
+            return await _claim_from_table(claimer)
+        return await _claim_matching_from_table(claimer, job_filter)
 
     async def depth(self) -> int:
         return await _count_queued()
@@ -150,6 +165,74 @@ def _claim_one(now: datetime, claimer: str, lock: str) -> dict[str, Any] | None:
     return claimed[0].to_wire() if claimed else None
 
 
+# The filtered claim's write: this one job, if it is still queued. On
+# PostgreSQL SKIP LOCKED makes a claimer that meets another's claim in progress
+# move on at once (it would lose anyway) instead of waiting for its commit.
+_CLAIM_ONE_SQL = """
+UPDATE jobs_job SET status = %s, claimed_at = %s, claimed_by = %s,
+    delivered_at = COALESCE(delivered_at, %s)
+WHERE id = (
+    SELECT id FROM jobs_job
+    WHERE id = %s AND status = %s AND expires_at > %s {lock}
+)
+RETURNING *
+"""
+# A numbers-only filter needs neither the title nor the fields decoded.
+_SCANNED = ("id", "channel", "numbers")
+_SCANNED_WITH_TEXT = (*_SCANNED, "title", "fields")
+
+
+@in_db_thread
+def _claim_matching_from_table(
+    claimer: str, job_filter: JobFilter
+) -> dict[str, Any] | None:
+    now = timezone.now()
+    _sweep_now_and_then(now)
+    sqlite = connection.vendor == "sqlite"
+    lock = "" if sqlite else "FOR UPDATE SKIP LOCKED"
+    queued = Job.objects.filter(status=Job.Status.QUEUED, expires_at__gt=now)
+    if job_filter.channels is not None:
+        queued = queued.filter(channel__in=job_filter.channels)
+    columns = _SCANNED_WITH_TEXT if job_filter.reads_text else _SCANNED
+    after = 0
+    while True:
+        # Keyset pages on the queued-jobs index: each read starts where the
+        # last one ended, so a deep queue is read once, not once per page.
+        page = queued.filter(id__gt=after).order_by("id").values(*columns)
+        batch = list(page[:SCAN_BATCH])
+        for row in batch:
+            if not job_filter.matches(row):
+                continue
+            if sqlite:
+                with _sqlite_writer:
+                    claimed = _claim_by_id(row["id"], now, claimer, lock)
+            else:
+                claimed = _claim_by_id(row["id"], now, claimer, lock)
+            if claimed is not None:
+                return claimed
+            # Another claimer took it since the read: the next match, then.
+        if len(batch) < SCAN_BATCH:
+            return None
+        after = batch[-1]["id"]
+
+
+def _claim_by_id(
+    pk: int, now: datetime, claimer: str, lock: str
+) -> dict[str, Any] | None:
+    params = [
+        Job.Status.CLAIMED,
+        now,
+        claimer if claimer != "unknown" else None,
+        now,
+        pk,
+        Job.Status.QUEUED,
+        now,
+    ]
+    with transaction.atomic():
+        claimed = list(Job.objects.raw(_CLAIM_ONE_SQL.format(lock=lock), params))
+    return claimed[0].to_wire() if claimed else None
+
+
 def _sweep_now_and_then(now: datetime) -> None:
     # Expired jobs left "queued" would be skipped by every claim; marking them
     # now and then keeps the claim's index scan short.
@@ -171,6 +254,28 @@ def _count_queued() -> int:
     ).count()
 
 
+# The next page of a filtered scan of the Redis list: the entries after the
+# newest of the given anchors (entries of the last page, newest first) that is
+# still in the list. Other claimers remove entries (LPOP at the head, LREM
+# anywhere), which shifts positions: an anchor found by value never skips an
+# entry. When every anchor is gone, the scan starts over from the head.
+_NEXT_PAGE_LUA = """
+local count = tonumber(ARGV[1])
+for i = 2, #ARGV do
+    local position = redis.call('LPOS', KEYS[1], ARGV[i])
+    if position then
+        return {0, redis.call('LRANGE', KEYS[1], position + 1, position + count)}
+    end
+end
+return {1, redis.call('LRANGE', KEYS[1], 0, count - 1)}
+"""
+# How many entries of a page serve as anchors for the next one.
+SCAN_ANCHORS = 4
+# A scan starts over when other claimers removed all its anchors meanwhile;
+# this many times in one claim means a queue churning faster than it is read.
+MAX_SCAN_RESTARTS = 20
+
+
 class RedisQueue:
     """A Redis list of jobs (RPUSH, LPOP): one atomic pop per claim."""
 
@@ -180,7 +285,11 @@ class RedisQueue:
         entry = {"job": job.to_wire(), "expires": job.expires_at.timestamp()}
         redis_clients.sync_client().rpush(QUEUE_KEY, json.dumps(entry))
 
-    async def claim(self, claimer: str) -> dict[str, Any] | None:
+    async def claim(
+        self, claimer: str, job_filter: JobFilter | None = None
+    ) -> dict[str, Any] | None:
+        if job_filter is not None and not job_filter.is_empty:
+            return await self._claim_matching(claimer, job_filter)
         client = redis_clients.async_client()
         while True:
             raw: bytes | None = await client.lpop(QUEUE_KEY)  # type: ignore[assignment]
@@ -197,6 +306,59 @@ class RedisQueue:
                 return job
             # The table says this entry is stale: the admin expired the job,
             # or requeued it and a newer entry already handed it out.
+
+    async def _claim_matching(
+        self, claimer: str, job_filter: JobFilter
+    ) -> dict[str, Any] | None:
+        """The oldest matching entry: read in pages, removed with LREM.
+
+        LREM of the exact entry removes it for one caller only (it returns 1
+        to that caller, 0 to any other), so each job is still claimed once.
+        """
+        client = redis_clients.async_client()
+        next_page = client.register_script(_NEXT_PAGE_LUA)
+        seen: set[bytes] = set()  # tested already: a restart skips them
+        anchors: list[bytes] = []
+        restarts = 0
+        while True:
+            restarted, page = await next_page(
+                keys=[QUEUE_KEY], args=[SCAN_BATCH, *anchors]
+            )
+            if restarted and anchors:
+                restarts += 1
+                if restarts > MAX_SCAN_RESTARTS:
+                    logger.warning("filtered claim gave up: the queue changed too fast")
+                    return None
+            for raw in page:
+                if raw in seen:
+                    continue
+                seen.add(raw)
+                job = await self._take_if_matching(client, raw, claimer, job_filter)
+                if job is not None:
+                    return job
+            if len(page) < SCAN_BATCH:
+                return None  # the tail of the list: no match
+            anchors = page[: -SCAN_ANCHORS - 1 : -1]
+
+    async def _take_if_matching(
+        self, client: Any, raw: bytes, claimer: str, job_filter: JobFilter
+    ) -> dict[str, Any] | None:
+        entry = json.loads(raw)
+        job: dict[str, Any] = entry["job"]
+        now = timezone.now()
+        if entry["expires"] <= now.timestamp():
+            # Expired entries are dropped on the way, as a pop would.
+            if await client.lrem(QUEUE_KEY, 1, raw):
+                await _record(job["id"], Job.Status.EXPIRED, None, None, now)
+                metrics.JOBS_EXPIRED.inc()
+            return None
+        if not job_filter.matches(job):
+            return None
+        if not await client.lrem(QUEUE_KEY, 1, raw):
+            return None  # another claimer removed it first
+        if await _record(job["id"], Job.Status.CLAIMED, now, claimer, now):
+            return job
+        return None  # stale, as in claim()
 
     async def depth(self) -> int:
         return int(await redis_clients.async_client().llen(QUEUE_KEY))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from django.http import HttpResponse
+from django.http import HttpRequest, HttpResponse
 
 
 class ApiError(Exception):
@@ -41,6 +41,18 @@ def json_response(
         status=status,
         content_type="application/json",
         headers=headers,
+    )
+
+
+def require_method(request: HttpRequest, *allowed: str) -> None:
+    """Raise the contract's 405, with ``Allow``, unless the method is allowed."""
+    if request.method in allowed:
+        return
+    raise ApiError(
+        405,
+        "method_not_allowed",
+        f"{request.method} is not allowed here; use {allowed[0]}.",
+        headers={"Allow": ", ".join(allowed)},
     )
 
 

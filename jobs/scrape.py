@@ -25,7 +25,7 @@ from jobs import metrics  # noqa: F401  (registers the instruments)
 from jobs.auth import authenticate
 from jobs.db import in_db_thread
 from jobs.queues import get_queue
-from jobs.responses import ApiError
+from jobs.responses import ApiError, require_method
 
 _read_poller_status = in_db_thread(read_status)
 
@@ -74,9 +74,20 @@ class _ScrapeTimeValues(Collector):
             value = report.get(part, {}).get(key)
             if isinstance(value, int | float):
                 yield GaugeMetricFamily(f"gateway_poller_{name}", help_text, value)
+        responses = report.get("discord", {}).get("responses")
+        if isinstance(responses, dict):
+            by_status = GaugeMetricFamily(
+                "gateway_poller_discord_responses",
+                "Discord's answers to the poller, by HTTP status.",
+                labels=["status"],
+            )
+            for status, count in sorted(responses.items()):
+                if isinstance(count, int):
+                    by_status.add_metric([str(status)], count)
+            yield by_status
 
 
-def _authorise(request: HttpRequest) -> None:
+async def _authorise(request: HttpRequest) -> None:
     token = settings.METRICS_TOKEN
     header = request.headers.get("Authorization", "")
     if token and header.startswith("Bearer "):
@@ -84,19 +95,13 @@ def _authorise(request: HttpRequest) -> None:
         if hmac.compare_digest(offered, token.encode()):
             return
         raise ApiError(401, "bad_token", "The bearer token is not valid.")
-    authenticate(request)
+    await authenticate(request)
 
 
 async def metrics_view(request: HttpRequest) -> HttpResponse:
     """Every counter, plus queue depth and the poller's numbers read now."""
-    _authorise(request)
-    if request.method != "GET":
-        raise ApiError(
-            405,
-            "method_not_allowed",
-            f"{request.method} is not allowed here; use GET.",
-            headers={"Allow": "GET"},
-        )
+    await _authorise(request)
+    require_method(request, "GET")
     # A backing service down must not hide the counters: leave its gauges out.
     depth: int | None
     try:

@@ -21,6 +21,7 @@ from jobs import groups, metrics, wakeups
 from jobs import logging as logs
 from jobs.db import in_db_thread
 from jobs.models import Job
+from jobs.numbers import numbers_from_fields
 from jobs.payloads import JobDraft
 from jobs.queues import get_queue
 
@@ -45,7 +46,7 @@ async def publish(draft: JobDraft) -> Published:
         # Both are best effort: the job is safely queued already, and
         # WebSocket clients recover a missed frame with ``since=``.
         try:
-            await wakeups.announce()
+            await wakeups.announce(result.job)
         except Exception as exc:
             logger.warning(
                 "could not wake long-polls for job %s: %s", draft.job_id, exc
@@ -84,6 +85,8 @@ def _store(draft: JobDraft) -> Published:
                 message_id=draft.message_id,
                 title=draft.title,
                 fields=draft.fields,
+                # Here, not in the poller: posted jobs get their numbers too.
+                numbers=numbers_from_fields(draft.fields),
                 created_at=now,
                 expires_at=now
                 + timedelta(seconds=draft.ttl or settings.JOB_TTL_SECONDS),

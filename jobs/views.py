@@ -12,13 +12,14 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
 
-from jobs import metrics, services, wakeups
+from jobs import deliveries, services, tickets, wakeups
 from jobs.auth import authenticate, request_ip
+from jobs.filters import FilterError, JobFilter, requested_filter
 from jobs.health import health_report
 from jobs.payloads import PayloadError, parse_job
 from jobs.queues import Queue, get_queue
 from jobs.ratelimits import check_rate_limit
-from jobs.responses import ApiError, json_response
+from jobs.responses import ApiError, json_response, require_method
 
 MAX_WAIT_SECONDS = 30
 
@@ -31,15 +32,9 @@ def signed_endpoint(*methods: str) -> Callable[[View], View]:
     def decorate(view: View) -> View:
         @wraps(view)
         async def wrapper(request: HttpRequest) -> HttpResponse:
-            authenticate(request)
+            await authenticate(request)
             await check_rate_limit(request, request_ip(request))
-            if request.method not in methods:
-                raise ApiError(
-                    405,
-                    "method_not_allowed",
-                    f"{request.method} is not allowed here; use {', '.join(methods)}.",
-                    headers={"Allow": ", ".join(methods)},
-                )
+            require_method(request, *methods)
             return await view(request)
 
         return wrapper
@@ -83,32 +78,50 @@ def _too_large() -> ApiError:
 
 @signed_endpoint("GET")
 async def next_job(request: HttpRequest) -> HttpResponse:
-    """Claim the oldest job; with ``?wait=S`` hold the request until one arrives."""
+    """Claim the oldest job; with ``?wait=S`` hold the request until one arrives.
+
+    ``where=``, ``channels=`` and ``tier=`` (docs/filters.md) claim the oldest
+    job that matches instead, and only a matching job ends the wait.
+    """
     wait = _wait_seconds(request.GET.get("wait"))
+    job_filter = _filter(request)
     queue = get_queue()
     claimer = request_ip(request)
     deadline = time.monotonic() + wait
     signal = wakeups.signal()
     while True:
         generation = signal.generation()
-        job = await _claim_or_release(queue, claimer)
+        job = await _claim_or_release(queue, claimer, job_filter)
         if job is not None:
-            metrics.claimed(job)
+            deliveries.claimed(job)
             return json_response({"job": job})
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not await wakeups.wait(generation, remaining):
+        if remaining <= 0 or not await wakeups.wait(generation, remaining, job_filter):
             return _empty()
         # Several waiters woke for one job; the losers wait again.
         await asyncio.sleep(0)
 
 
-async def _claim_or_release(queue: Queue, claimer: str) -> dict[str, Any] | None:
+def _filter(request: HttpRequest) -> JobFilter:
+    try:
+        return requested_filter(
+            request.GET.getlist("where"),
+            request.GET.get("channels"),
+            request.GET.get("tier"),
+        )
+    except FilterError as exc:
+        raise ApiError(400, "bad_filter", str(exc)) from None
+
+
+async def _claim_or_release(
+    queue: Queue, claimer: str, job_filter: JobFilter
+) -> dict[str, Any] | None:
     """Claim a job; if this request is cancelled meanwhile, put the job back.
 
     The client left, or the server is stopping: the claim may still commit in
     its thread, and the answer carrying the job would then never be sent.
     """
-    claim = asyncio.ensure_future(queue.claim(claimer))
+    claim = asyncio.ensure_future(queue.claim(claimer, job_filter))
     try:
         return await asyncio.shield(claim)
     except asyncio.CancelledError:
@@ -144,15 +157,19 @@ async def health(request: HttpRequest) -> HttpResponse:
     return json_response(await health_report())
 
 
+@signed_endpoint("POST")
+async def ws_ticket(request: HttpRequest) -> HttpResponse:
+    """A single-use ticket for one ``/ws`` handshake (docs/security.md)."""
+    ticket, ttl = await tickets.issue()
+    # A credential: no cache on the way may keep it.
+    return json_response(
+        {"ticket": ticket, "expires_in": ttl}, headers={"Cache-Control": "no-store"}
+    )
+
+
 async def healthz(request: HttpRequest) -> HttpResponse:
     """Unsigned liveness for load balancers; says nothing else."""
-    if request.method not in ("GET", "HEAD"):
-        raise ApiError(
-            405,
-            "method_not_allowed",
-            f"{request.method} is not allowed here; use GET.",
-            headers={"Allow": "GET, HEAD"},
-        )
+    require_method(request, "GET", "HEAD")
     return json_response({"ok": True})
 
 

@@ -3,39 +3,77 @@
 A publish fires this process's signal at once; with Redis it also publishes on
 a Redis channel that one listener task per process turns into the same local
 signal, so a ``GET /job/next?wait=`` held by another replica wakes too.
+
+Each wake-up carries the published job, so that a filtered long-poll
+(``where=``, docs/filters.md) tests it and keeps waiting, without touching the
+queue, when the job is not one it wants. A wake-up without a job (Redis was
+lost for a while, or an older process announced) wakes every waiter.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import secrets
 import weakref
+from typing import Any
 
 from django.conf import settings
 
 from jobs import redis_clients
+from jobs.filters import JobFilter
 
 logger = logging.getLogger(__name__)
 
 PUBLISHED_CHANNEL = "gateway:published"
 
 
-class Signal:
-    """An event that can be fired many times; waiters hold the generation they saw."""
+class Generation:
+    """The time between two publishes; once ended, it names the job that ended it.
+
+    Ended generations link to the next one, so a waiter that wakes for a job it
+    does not want reads every job published since, in order, and misses none.
+    """
+
+    __slots__ = ("_ended", "job", "next")
 
     def __init__(self) -> None:
-        self._event = asyncio.Event()
-        self._listener: asyncio.Task[None] | None = None
+        self._ended = asyncio.Event()
+        self.job: dict[str, Any] | None = None
+        self.next: Generation | None = None
 
-    def generation(self) -> asyncio.Event:
+    async def ended(self) -> None:
+        await self._ended.wait()
+
+    def end(self, job: dict[str, Any] | None) -> Generation:
+        self.job = job
+        self.next = Generation()
+        self._ended.set()
+        return self.next
+
+
+class Signal:
+    """Fired once per publish; waiters hold the generation they saw."""
+
+    def __init__(self) -> None:
+        self._current = Generation()
+        self._listener: asyncio.Task[None] | None = None
+        # Set while the Redis listener is subscribed: publishes from other
+        # processes reach this one's waiters.
+        self.listening = asyncio.Event()
+        # Marks this signal's own Redis messages, which it has fired already.
+        self.origin = secrets.token_hex(8)
+
+    def generation(self) -> Generation:
         """Take this before looking at the queue, then wait on it: no wake is missed."""
         if settings.REDIS_URL and self._listener is None:
             self._listener = asyncio.create_task(_listen(self))
-        return self._event
+        return self._current
 
-    def fire(self) -> None:
-        event, self._event = self._event, asyncio.Event()
-        event.set()
+    def fire(self, job: dict[str, Any] | None = None) -> None:
+        """End the current generation with ``job`` (None: some job, unknown)."""
+        self._current = self._current.end(job)
 
 
 _signals: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Signal] = (
@@ -60,24 +98,63 @@ def waiting() -> int:
     return _waiting
 
 
-async def wait(generation: asyncio.Event, timeout: float) -> bool:
-    """Wait until a publish after ``generation`` was taken; False on timeout."""
+async def wait(
+    generation: Generation, timeout: float, job_filter: JobFilter | None = None
+) -> bool:
+    """Wait for a publish after ``generation`` that ``job_filter`` may want.
+
+    False on timeout. Jobs the filter does not match are passed over here, in
+    memory, so they cost a filtered waiter no look at the queue.
+    """
     global _waiting
     _waiting += 1
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    current = generation
     try:
-        await asyncio.wait_for(generation.wait(), timeout)
-    except TimeoutError:
-        return False
+        while True:
+            while current.next is not None:
+                if _may_want(job_filter, current.job):
+                    return True
+                current = current.next
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(current.ended(), remaining)
+            except TimeoutError:
+                return False
     finally:
         _waiting -= 1
-    return True
 
 
-async def announce() -> None:
-    """Tell every process's waiters that a job was published."""
-    signal().fire()
+def _may_want(job_filter: JobFilter | None, job: dict[str, Any] | None) -> bool:
+    if job_filter is None or job_filter.is_empty or job is None:
+        return True
+    return job_filter.matches(job)
+
+
+async def announce(job: dict[str, Any] | None = None) -> None:
+    """Tell every process's waiters that ``job`` was published."""
+    local = signal()
+    local.fire(job)
     if settings.REDIS_URL:
-        await redis_clients.async_client().publish(PUBLISHED_CHANNEL, b"1")
+        message = json.dumps({"origin": local.origin, "job": job})
+        await redis_clients.async_client().publish(PUBLISHED_CHANNEL, message)
+
+
+def _job_in(target: Signal, data: Any) -> tuple[bool, dict[str, Any] | None]:
+    """Whether a Redis message is news to ``target``, and the job it names."""
+    try:
+        message = json.loads(data)
+    except (TypeError, ValueError):
+        return True, None  # not ours to read: wake everyone, as before
+    if not isinstance(message, dict):
+        return True, None
+    if message.get("origin") == target.origin:
+        return False, None  # fired locally already, by announce()
+    job = message.get("job")
+    return True, job if isinstance(job, dict) else None
 
 
 async def _listen(target: Signal) -> None:
@@ -87,6 +164,7 @@ async def _listen(target: Signal) -> None:
         try:
             pubsub = redis_clients.async_client().pubsub()
             await pubsub.subscribe(PUBLISHED_CHANNEL)
+            target.listening.set()
             backoff = 0.1
             while True:
                 # redis-py can swallow a cancellation that lands while it
@@ -97,10 +175,13 @@ async def _listen(target: Signal) -> None:
                     ignore_subscribe_messages=True, timeout=1.0
                 )
                 if message is not None:
-                    target.fire()
+                    news, job = _job_in(target, message["data"])
+                    if news:
+                        target.fire(job)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            target.listening.clear()
             logger.warning("long-poll wake-up listener lost Redis: %s", exc)
             # Waiters may have missed a publish while we were away.
             target.fire()

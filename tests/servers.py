@@ -528,15 +528,24 @@ class _Server:
 class RedisServer(_Server):
     """``redis-server`` on a free loopback port, without persistence.
 
-    A restart comes back empty: nothing is saved to disk.
+    A restart comes back empty: nothing is saved to disk, unless ``extra_args``
+    turn persistence on (``APPEND_ONLY`` keeps every write in the append-only
+    file in the server's directory, which a restart replays).
     """
 
     name = "redis"
+    APPEND_ONLY: tuple[str, ...] = ("--appendonly", "yes", "--appendfsync", "everysec")
 
     def __init__(
-        self, port: int | None = None, *, startup_timeout: float = 10.0
+        self,
+        port: int | None = None,
+        *,
+        startup_timeout: float = 10.0,
+        extra_args: Sequence[str] = (),
     ) -> None:
         super().__init__(port, startup_timeout)
+        # After the defaults, so they win (redis-server takes the last value).
+        self.extra_args = list(extra_args)
 
     @staticmethod
     def unavailable_reason() -> str | None:
@@ -568,6 +577,7 @@ class RedisServer(_Server):
             "--daemonize", "no",
             "--dir", str(self._temp()),
             "--logfile", "",
+            *self.extra_args,
         ]  # fmt: skip
         if self.process is None:
             self.process = ManagedProcess(argv, name=self.name)

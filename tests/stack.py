@@ -29,23 +29,52 @@ if STACK not in ("embedded", "services"):
 _scratch = Path(tempfile.mkdtemp(prefix="gateway-tests-"))
 _servers: list[PostgresServer | RedisServer] = []
 
+# Every setting the gateway and the poller read (gateway_project/settings.py
+# and discord_poller/config.py), less those set below.
+_SETTINGS_FROM_THE_SHELL = {
+    "ALLOWED_HOSTS",
+    "BURST_POLL_SECONDS",
+    "CHANNEL_ID",
+    "CHANNEL_LAYER",
+    "CSRF_TRUSTED_ORIGINS",
+    "DATABASE_URL",
+    "DEBUG",
+    "DEDUP_WINDOW_SECONDS",
+    "DISCORD_API_BASE",
+    "DISCORD_MODE",
+    "DISCORD_POLL_SECONDS",
+    "DISCORD_TOKEN",
+    "HEADLESS_MODE",
+    "HSTS_PRELOAD",
+    "HSTS_SECONDS",
+    "HTTPS_ONLY",
+    "JOB_RETENTION_HOURS",
+    "JOB_TTL_SECONDS",
+    "LOG_FORMAT",
+    "LOG_LEVEL",
+    "MAX_JOB_BYTES",
+    "METRICS_TOKEN",
+    "PORT",
+    "PROMETHEUS_MULTIPROC_DIR",
+    "QUEUE_BACKEND",
+    "RATE_LIMIT_FAIL_OPEN",
+    "RATE_LIMIT_PER_MINUTE",
+    "RATE_LIMIT_WINDOW_SECONDS",
+    "REDIS_URL",
+    "RENDER_EXTERNAL_HOSTNAME",
+    "REQUIRE_SIGNATURE_V2",
+    "SERVICE_BASE_URL",
+    "STATIC_MANIFEST",
+    "TIERS",
+    "TIMESTAMP_TOLERANCE",
+    "TRUSTED_PROXY_COUNT",
+    "WS_REQUIRE_SIGNATURE",
+    "WS_TICKET_TTL",
+}
 # The tests own their configuration: nothing from the developer's shell or an
 # app_settings.json in the checkout leaks in.
 for _name in list(os.environ):
-    if _name in {
-        "DATABASE_URL",
-        "REDIS_URL",
-        "QUEUE_BACKEND",
-        "CHANNEL_LAYER",
-        "DEBUG",
-        "CHANNEL_ID",
-        "DISCORD_TOKEN",
-        "RATE_LIMIT_PER_MINUTE",
-        "TRUSTED_PROXY_COUNT",
-        "WS_REQUIRE_SIGNATURE",
-        "JOB_TTL_SECONDS",
-        "DEDUP_WINDOW_SECONDS",
-    }:
+    if _name in _SETTINGS_FROM_THE_SHELL:
         del os.environ[_name]
 (_scratch / "settings.json").write_text("{}")
 os.environ.update(

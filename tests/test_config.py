@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from gateway_project.config import (
     parse_int,
     parse_list,
 )
+from tests import stack
 from tests.servers import REPO_ROOT
 
 # --- The typed parsers --------------------------------------------------------
@@ -256,3 +258,20 @@ def test_a_bad_value_stops_start_up_naming_it() -> None:
     result = run([sys.executable, "manage.py", "check"], RATE_LIMIT_PER_MINUTE="lots")
     assert result.returncode != 0
     assert "RATE_LIMIT_PER_MINUTE must be a whole number, not 'lots'" in result.stderr
+
+
+# --- The test suite's own isolation -------------------------------------------
+
+
+def test_the_suite_clears_every_setting_the_code_reads() -> None:
+    pattern = re.compile(r"""config\.[a-z_]+\(\s*["']([A-Z][A-Z0-9_]*)["']""")
+    read = {
+        name
+        for package in ("gateway_project", "jobs", "discord_poller")
+        for path in (REPO_ROOT / package).rglob("*.py")
+        for name in pattern.findall(path.read_text())
+    }
+    set_by_the_stack = {"API_KEY", "HMAC_SECRET", "DJANGO_SECRET_KEY"}
+    set_by_the_stack |= {"TEST_SQLITE_FILE"}
+    assert "TIERS" in read  # the pattern finds the settings
+    assert read - set_by_the_stack <= stack._SETTINGS_FROM_THE_SHELL

@@ -409,7 +409,7 @@ async def test_a_claim_put_back_was_no_delivery(
     await queue.release(claimed)
     assert (await stored(job["id"])).delivered_at is None
     # A delivery before the claim is kept when the claim is put back.
-    deliveries.sent(job["id"])
+    deliveries.sent(job)
     await deliveries.flush()
     pushed_at = (await stored(job["id"])).delivered_at
     assert pushed_at is not None
@@ -451,7 +451,7 @@ async def test_a_websocket_delivery_is_recorded_once_and_kept(
         assert claimed.claimed_at is not None
         assert claimed.delivered_at == pushed.delivered_at < claimed.claimed_at
         # Sent again (another broadcast): nothing more is written.
-        deliveries.sent(job["id"])
+        deliveries.sent(job)
         await deliveries.flush()
         assert written == [job["id"]]
     finally:
@@ -491,8 +491,9 @@ async def test_the_memory_of_recorded_jobs_is_bounded(
 ) -> None:
     monkeypatch.setattr(deliveries, "MEMORY", 3)
     monkeypatch.setattr(deliveries, "FLUSH_DELAY_SECONDS", 60)  # no writes here
+    created_at = timezone.now().isoformat()
     for job_id in range(1, 6):
-        deliveries.sent(job_id)
+        deliveries.sent({"id": job_id, "created_at": created_at})
     assert deliveries._noted == {3, 4, 5}
     assert list(deliveries._noted_order) == [3, 4, 5]
     assert sorted(deliveries._pending) == [1, 2, 3, 4, 5]
@@ -521,7 +522,7 @@ async def test_a_burst_is_written_in_batches(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(deliveries, "_write", counting)
     for pk in ids:
-        deliveries.sent(pk)
+        deliveries.sent({"id": pk, "created_at": now.isoformat()})
     await deliveries.flush()
     assert batches == [deliveries.BATCH, 1]
     recorded = await sync_to_async(

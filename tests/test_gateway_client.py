@@ -4,12 +4,14 @@ and every error mapping of contract section 5."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
@@ -17,10 +19,12 @@ import time_machine
 
 from gateway_client import (
     AuthError,
+    BadFilter,
     BadRequest,
     GatewayClient,
     GatewayError,
     GatewayUnreachable,
+    JobFilter,
     RateLimited,
     Unavailable,
     signing,
@@ -65,14 +69,19 @@ async def test_every_request_is_signed_when_sent() -> None:
     assert stamps == ["1700000000", "1700000100"]
     for request in seen:
         assert request.headers["X-API-KEY"] == "key-one"
-        signing.verify(
-            request.headers["X-API-KEY"],
-            request.headers["X-TIMESTAMP"],
-            request.headers["X-SIGNATURE"],
+        # Signature v2 by default: this method, target and body, once.
+        verified = signing.verify_request(
+            request.headers,
+            method=request.method,
+            target=request.url.raw_path.decode(),
+            body=request.content,
             api_keys=["key-one"],
             secrets=["secret-one"],
+            require_v2=True,
             now=int(request.headers["X-TIMESTAMP"]),
         )
+        assert verified.version == 2
+    assert len({request.headers["X-NONCE"] for request in seen}) == 2
 
 
 @pytest.mark.parametrize(
@@ -92,7 +101,9 @@ async def test_the_first_of_a_list_signs(
         await c.health()
     headers = seen[0].headers
     assert headers["X-API-KEY"] == "key-one"
-    assert headers["X-SIGNATURE"] == signing.sign("secret-one", headers["X-TIMESTAMP"])
+    assert headers["X-SIGNATURE"] == signing.sign_v2(
+        "secret-one", headers["X-TIMESTAMP"], headers["X-NONCE"], "GET", "/health"
+    )
 
 
 def test_the_contract_test_vector() -> None:
@@ -100,6 +111,122 @@ def test_the_contract_test_vector() -> None:
     assert headers["X-SIGNATURE"] == (
         "f8afe52f00412804c44da62e42276be610568f7865d5f630f4b46c9923f3e15d"
     )
+
+
+# --- Filters -------------------------------------------------------------------
+
+# Every character the encoding must get right: operators, "~", a space, a
+# comma inside a number, "%", a non-ASCII letter, and "+" in a tier's name.
+WHERE = [
+    "money_per_sec>=10M",
+    "players<players_max",
+    "name~la grande",
+    "players>=1,250",
+    "title!=50%",
+    "name=été",
+]
+
+
+async def test_a_filter_goes_in_the_query_and_the_signature_covers_it() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"job": JOB})
+
+    async with client_for(handler) as client:
+        job = await client.next_job(
+            wait=5, where=WHERE, channels=["111", " 222 ", ""], tier="10m+"
+        )
+    assert job == JOB
+    request = seen[0]
+    target = request.url.raw_path.decode("ascii")
+    path, _, query = target.partition("?")
+    assert path == "/job/next"
+    # Percent-encoded: nothing a server could read two ways.
+    assert ">" not in query and " " not in query and "10m%2B" in query
+    # What a server decodes is exactly what was asked for, in order.
+    assert parse_qs(query, strict_parsing=True) == {
+        "where": WHERE,
+        "channels": ["111,222"],
+        "tier": ["10m+"],
+        "wait": ["5"],
+    }
+    # Signed over the target as sent, byte for byte.
+    signing.verify_request(
+        request.headers,
+        method="GET",
+        target=target,
+        api_keys=["key-one"],
+        secrets=["secret-one"],
+        require_v2=True,
+    )
+
+
+async def test_no_filter_sends_no_filter_parameters() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    async with client_for(handler) as client:
+        await client.next_job()
+        await client.next_job(where=[], channels="", tier=None)
+    assert [r.url.raw_path for r in seen] == [b"/job/next", b"/job/next"]
+
+
+async def test_a_bad_filter_answer_names_the_gateways_detail() -> None:
+    detail = "where='money_per_sec>=10%': >= compares numbers, and '10%' is not one."
+    answer = httpx.Response(400, json={"error": "bad_filter", "detail": detail})
+    async with client_for(lambda request: answer) as client:
+        with pytest.raises(BadFilter) as caught:
+            await client.next_job(where="money_per_sec>=10%")
+    assert isinstance(caught.value, BadRequest) and not caught.value.retryable
+    assert (caught.value.code, caught.value.status) == ("bad_filter", 400)
+    assert caught.value.detail == detail
+    assert detail in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("where", "tier", "named"),
+    [
+        ("money per sec>=10M", None, "money per sec>=10M"),  # not snake_case
+        ("Money>=10M", None, "Money>=10M"),  # not lowercase
+        ("money_per_sec", None, "money_per_sec"),  # no operator
+        ("name~  ", None, "name~  "),  # no value
+        ("=5", None, "=5"),  # no key
+        (["a=1"] * 21, None, "at most 20"),
+        (None, " ", "tier"),
+    ],
+)
+async def test_a_malformed_filter_fails_before_any_request(
+    where: Any, tier: str | None, named: str
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("no request should be made")
+
+    async with client_for(handler) as client:
+        with pytest.raises(ValueError, match=re.escape(named)):
+            await client.next_job(where=where, tier=tier)
+        with pytest.raises(ValueError, match=re.escape(named)):
+            client.stream(where=where, tier=tier)
+
+
+def test_a_single_clause_is_one_clause_even_with_commas() -> None:
+    job_filter = JobFilter.of("players>=1,250", "A, B,,", " gold ")
+    assert job_filter == JobFilter(("players>=1,250",), ("A", "B"), "gold")
+    assert str(job_filter) == "where=players>=1,250&channels=A,B&tier=gold"
+    assert not JobFilter.of() and str(JobFilter.of()) == "all"
+
+
+def test_the_client_repr_holds_no_secret() -> None:
+    client = GatewayClient(
+        "http://127.0.0.1:8000", api_key="key-visible", hmac_secret="secret-visible"
+    )
+    for text in (repr(client), str(client), repr(client._signer)):
+        assert "key-visible" not in text and "secret-visible" not in text
+    assert "http://127.0.0.1:8000" in repr(client)
 
 
 # --- Answers -------------------------------------------------------------------
@@ -298,9 +425,10 @@ def test_ws_url_follows_the_base_url() -> None:
 def test_the_package_does_not_import_django() -> None:
     code = (
         "import sys, gateway_client, gateway_client.worker, gateway_client.__main__\n"
-        "from gateway_client import GatewayClient\n"
+        "from gateway_client import GatewayClient, JobFilter, BadFilter\n"
         "assert 'django' not in sys.modules, sorted(m for m in sys.modules"
         " if m.startswith('django'))\n"
+        "assert 'jobs' not in sys.modules\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", code],

@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ from websockets.http11 import Request, Response
 
 from gateway_client import (
     AuthError,
+    BadFilter,
     BadRequest,
     GatewayClient,
     Unavailable,
@@ -100,6 +102,8 @@ class ScriptedGateway:
                 hmac_secret="secret-one",
                 timeout=5,
                 transport=httpx.MockTransport(answer),
+                # Tickets have tests of their own (tests/test_tickets*.py).
+                ws_auth="headers",
             ) as client:
                 yield client
 
@@ -150,12 +154,14 @@ async def test_the_key_goes_in_signed_headers_not_the_url() -> None:
     assert "key-one" not in request.path
     headers: Headers = request.headers
     assert headers["X-API-KEY"] == "key-one"
-    signing.verify(
-        headers["X-API-KEY"],
-        headers["X-TIMESTAMP"],
-        headers["X-SIGNATURE"],
+    # Signature v2 of the handshake: GET, its target, an empty body.
+    signing.verify_request(
+        dict(headers.raw_items()),
+        method="GET",
+        target=request.path,
         api_keys=["key-one"],
         secrets=["secret-one"],
+        require_v2=True,
     )
 
 
@@ -173,6 +179,37 @@ async def test_channels_and_since_are_sent() -> None:
     async with fake.running() as client:
         assert ids(await take(client, 1, channels="A,B", since=7)) == [8]
     assert fake.targets == ["/ws?channels=A,B&since=7"]
+
+
+async def test_the_filter_is_sent_on_every_handshake_and_signed() -> None:
+    where = ["money_per_sec>=10M", "players<players_max", "name~la grande"]
+    fake = ScriptedGateway(
+        [frames(hello(9), job(10), then="drop"), frames(hello(10), job(11))]
+    )
+    async with fake.running() as client:
+        received = await take(
+            client, 2, where=where, channels="A,B", tier="10m+", since=9
+        )
+    assert ids(received) == [10, 11]
+    queries = [parse_qs(target.partition("?")[2]) for target in fake.targets]
+    # The reconnect keeps the filter and resumes after the last job seen.
+    for query, since in zip(queries, ["9", "10"], strict=True):
+        assert query == {
+            "where": where,
+            "channels": ["A,B"],
+            "tier": ["10m+"],
+            "since": [since],
+        }
+    for request in fake.requests:
+        assert " " not in request.path and ">" not in request.path
+        signing.verify_request(
+            dict(request.headers.raw_items()),
+            method="GET",
+            target=request.path,
+            api_keys=["key-one"],
+            secrets=["secret-one"],
+            require_v2=True,
+        )
 
 
 async def test_nothing_is_yielded_twice_and_late_jobs_are_not_lost() -> None:
@@ -218,6 +255,16 @@ async def test_a_refusal_with_good_credentials_is_a_bad_request() -> None:
             await take(client, 1, channels="no such")
     assert caught.value.code == "handshake_refused"
     assert len(fake.requests) == 1
+
+
+async def test_a_refused_filter_with_good_credentials_is_a_bad_filter() -> None:
+    fake = ScriptedGateway([403, frames(hello(), job(1))])
+    async with fake.running(health_answer(200)) as client:
+        with pytest.raises(BadFilter) as caught:
+            await take(client, 1, where="money_per_sec>=10%", tier="gold")
+    assert (caught.value.code, caught.value.status) == ("bad_filter", 403)
+    assert "where=money_per_sec>=10%&tier=gold" in caught.value.detail
+    assert len(fake.requests) == 1  # not retried: it cannot get better
 
 
 async def test_a_rate_limited_handshake_is_retried() -> None:

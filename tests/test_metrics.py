@@ -73,12 +73,20 @@ async def test_poller_numbers_come_from_its_status_row(
     from discord_poller.status import save_report
 
     report = {
-        "discord": {"requests": 42, "rate_limited": 3, "rate_limit_wait_seconds": 1.5},
+        "discord": {
+            "requests": 42,
+            "responses": {"200": 38, "429": 3, "503": 1},
+            "rate_limited": 3,
+            "rate_limit_wait_seconds": 1.5,
+        },
         "jobs": {"published": 7, "duplicates": 1, "buffered": 0},
     }
     await sync_to_async(save_report)(report, timezone.now())
     values = samples((await api.get("/metrics", headers=sign())).text)
     assert values["gateway_poller_discord_requests"] == 42
+    assert values['gateway_poller_discord_responses{status="200"}'] == 38
+    assert values['gateway_poller_discord_responses{status="429"}'] == 3
+    assert values['gateway_poller_discord_responses{status="503"}'] == 1
     assert values["gateway_poller_discord_rate_limited"] == 3
     assert values["gateway_poller_discord_rate_limit_wait_seconds"] == 1.5
     assert values["gateway_poller_jobs_published"] == 7

@@ -137,9 +137,11 @@ async def test_a_publish_wakes_a_waiting_long_poll(
     waiting = asyncio.Event()
     real_wait = wakeups.wait
 
-    async def observed_wait(generation: asyncio.Event, timeout: float) -> bool:
+    async def observed_wait(
+        generation: wakeups.Generation, timeout: float, *rest: Any
+    ) -> bool:
         waiting.set()
-        return await real_wait(generation, timeout)
+        return await real_wait(generation, timeout, *rest)
 
     monkeypatch.setattr(wakeups, "wait", observed_wait)
     poll = asyncio.create_task(claim(api, sign, "?wait=20"))
@@ -161,12 +163,14 @@ async def test_one_publish_wakes_one_of_several_waiters(
     all_waiting = asyncio.Event()
     real_wait = wakeups.wait
 
-    async def observed_wait(generation: asyncio.Event, timeout: float) -> bool:
+    async def observed_wait(
+        generation: wakeups.Generation, timeout: float, *rest: Any
+    ) -> bool:
         nonlocal waiters
         waiters += 1
         if waiters >= 3:
             all_waiting.set()
-        return await real_wait(generation, timeout)
+        return await real_wait(generation, timeout, *rest)
 
     monkeypatch.setattr(wakeups, "wait", observed_wait)
     polls = [asyncio.create_task(claim(api, sign, "?wait=0.5")) for _ in range(3)]

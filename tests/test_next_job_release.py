@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 
+from jobs.filters import JobFilter
 from jobs.queues import get_queue
 from jobs.views import _claim_or_release
 
@@ -20,7 +21,9 @@ class SlowQueue:
         self.finish = asyncio.Event()
         self.released: list[dict[str, Any]] = []
 
-    async def claim(self, claimer: str) -> dict[str, Any] | None:
+    async def claim(
+        self, claimer: str, job_filter: JobFilter | None = None
+    ) -> dict[str, Any] | None:
         self.started.set()
         await self.finish.wait()
         return {"id": 7}
@@ -31,7 +34,9 @@ class SlowQueue:
 
 async def test_cancelled_claim_releases_the_job() -> None:
     queue = SlowQueue()
-    request = asyncio.create_task(_claim_or_release(queue, "10.0.0.1"))  # type: ignore[arg-type]
+    request = asyncio.create_task(
+        _claim_or_release(queue, "10.0.0.1", JobFilter())  # type: ignore[arg-type]
+    )
     await queue.started.wait()
     request.cancel()
     await asyncio.sleep(0)  # the cancellation lands while the claim is running

@@ -15,7 +15,7 @@ from aiohttp import web
 from discord_poller.cursor import snowflake_at
 from discord_poller.embeds import ParsedJob
 from discord_poller.publisher import PendingJob, Publisher
-from gateway_client.signing import verify
+from gateway_client.signing import verify_request
 
 CHANNEL = "1390012345678901234"
 OTHER = "1390012345678901235"
@@ -71,13 +71,17 @@ async def test_posts_a_signed_job_whose_ttl_counts_from_the_message() -> None:
     (request,) = gateway.requests
     assert (request.method, request.url.path) == ("POST", "/job")
     assert request.headers["content-type"] == "application/json"
-    verify(
-        request.headers["x-api-key"],
-        request.headers["x-timestamp"],
-        request.headers["x-signature"],
+    # Signature v2: method, path and body bound, with a nonce.
+    verified = verify_request(
+        request.headers,
+        method=request.method,
+        target=request.url.raw_path.decode(),
+        body=request.content,
         api_keys=[KEY],
         secrets=[SECRET],
+        require_v2=True,
     )
+    assert verified.version == 2 and verified.nonce
     body = json.loads(request.content)
     assert 195 <= body.pop("ttl") <= 200
     assert body == {

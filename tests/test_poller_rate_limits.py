@@ -197,6 +197,8 @@ async def test_a_429_is_waited_out_before_the_next_request() -> None:
     assert fake.requests[0].status == 429
     assert report["discord"]["rate_limited"] == 1
     assert report["discord"]["rate_limit_wait_seconds"] >= 0.9
+    responses = report["discord"]["responses"]
+    assert responses["429"] == 1 and responses["200"] >= 2
 
 
 async def test_a_global_429_holds_every_channel() -> None:

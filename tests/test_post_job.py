@@ -64,6 +64,7 @@ async def test_201_carries_every_job_field(api: httpx.AsyncClient, sign: Sign) -
             "message_id": None,
             "title": None,
             "fields": {},
+            "numbers": {},
             "created_at": "2026-11-28T17:00:00.123Z",
             "expires_at": "2026-11-28T17:05:00.123Z",
         },

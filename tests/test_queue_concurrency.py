@@ -1,7 +1,8 @@
-"""Eight processes drain one queue: every job claimed once, none lost, FIFO each.
+"""Processes drain one queue: every job claimed once, none lost, FIFO each.
 
-Runs on SQLite and PostgreSQL (the database backend) and on Redis, each in a
-database of its own, whatever the suite's stack.
+Eight plain claimers, then filtered and plain claimers together. Runs on
+SQLite and PostgreSQL (the database backend) and on Redis, each in a database
+of its own, whatever the suite's stack.
 """
 
 from __future__ import annotations
@@ -88,3 +89,48 @@ def test_each_job_claimed_exactly_once_in_order(queue_env: dict[str, str]) -> No
         assert claimed == sorted(claimed), "a claimer got a newer job before an older"
     # Every process took part: the claim really was concurrent.
     assert sum(1 for claimed in results if claimed) >= 2
+
+
+# --- Filtered claims (docs/filters.md) ------------------------------------------
+
+FILTER_JOBS = 900
+FILTERED = 4
+UNFILTERED = 2
+
+
+def test_filtered_and_plain_claimers_take_each_job_once(
+    queue_env: dict[str, str],
+) -> None:
+    seeded = json.loads(
+        _run(queue_env, "-m", "tests.claimer", "seed", str(FILTER_JOBS)).stdout
+    )
+    rich = {job_id for n, job_id in enumerate(seeded) if n % 3 == 0}
+
+    def start(name: str, *where: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.claimer", "claim", name, *where],
+            cwd=REPO_ROOT,
+            env={**os.environ, **queue_env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    filtered = [start(f"10.0.1.{n}", "money>=10M") for n in range(FILTERED)]
+    plain = [start(f"10.0.2.{n}") for n in range(UNFILTERED)]
+    results: dict[str, list[list[int]]] = {"filtered": [], "plain": []}
+    for kind, processes in (("filtered", filtered), ("plain", plain)):
+        for process in processes:
+            out, err = process.communicate(timeout=180)
+            assert process.returncode == 0, err
+            results[kind].append(json.loads(out))
+
+    everything = [job for kind in results.values() for c in kind for job in c]
+    assert sorted(everything) == sorted(seeded), "a job was lost or claimed twice"
+    for claimed in results["filtered"]:
+        assert set(claimed) <= rich, "a filtered claimer got a job it did not want"
+        assert claimed == sorted(claimed), "a newer match came before an older"
+    for claimed in results["plain"]:
+        assert claimed == sorted(claimed)
+    # The filtered claimers really competed, with each other and the rest.
+    assert sum(1 for claimed in results["filtered"] if claimed) >= 2

@@ -26,8 +26,12 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway_client.signing import signed_headers, verify
+from gateway_client import signing
+from gateway_client.signing import signed_headers, verify_request
+from tests.conftest import process_env
 from tests.luau_vm import HttpCall, LuauVM
+from tests.servers import DaphneProcess
+from tests.stack import API_KEY, HMAC_SECRET
 
 LOOPBACK = "127.0.0.1"
 
@@ -198,6 +202,110 @@ def test_signing_follows_the_contract_test_vector(vm: LuauVM) -> None:
     ]
 
 
+# The engine's Random, made predictable: NextInteger counts 1, 2, 3...
+COUNTING_RANDOM = """
+Random = {new = function()
+    local n = 0
+    return {NextInteger = function(_, low, high)
+        n += 1
+        return low + n % (high - low + 1)
+    end}
+end}
+"""
+COUNTED_NONCE = "".join(f"{n:02x}" for n in range(1, 17))
+
+V2_CASES = [
+    (
+        "another-secret",
+        "1700000000",
+        "000102030405060708090a0b0c0d0e0f",
+        "POST",
+        "/job",
+        b'{"job_id":"abc"}',
+    ),
+    ("s", "1700000000", "ab" * 20, "GET", "/job/next?wait=25", b""),
+    ("s", "-5", "AB" * 16, "get", "/gw/health?a=%20b&c", b""),
+    ("k\x00\xff" * 30, "1", "0f" * 64, "POST", "/job", "é🔑".encode() * 100),
+]
+
+
+def test_signature_v2_matches_python_for_fixed_inputs(vm: LuauVM) -> None:
+    results = vm.run(
+        """
+        local out = {}
+        for i, case in ... do
+            out[i] = JobGateway.signV2(table.unpack(case))
+        end
+        return out
+        """,
+        [list(case) for case in V2_CASES],
+    )[0]
+    assert results == [signing.sign_v2(*case) for case in V2_CASES]
+    # The documented test vector.
+    assert results[0] == (
+        "b935c27945e69642f89a17abc794081e6d8fb9e228a479fde7dd4bcc393931d5"
+    )
+
+
+def test_signed_headers_v2_equal_pythons_for_the_same_nonce(vm: LuauVM) -> None:
+    vm.run(COUNTING_RANDOM)
+    (headers,) = vm.run(
+        """
+        local gw = JobGateway.new({
+            baseUrl = "https://jobs.example.com/gateway/", apiKey = "key",
+            hmacSecret = "another-secret",
+            clock = function() return 1700000000.7 end,
+        })
+        return gw:SignedHeaders("POST", "/gateway/job", '{"job_id":"abc"}')
+        """
+    )
+    assert headers == signing.signed_headers_v2(
+        "key",
+        "another-secret",
+        method="POST",
+        target="/gateway/job",
+        body=b'{"job_id":"abc"}',
+        now=1_700_000_000,
+        nonce=COUNTED_NONCE,
+    )
+
+
+def test_every_request_draws_a_new_nonce_from_random(vm: LuauVM) -> None:
+    with ScriptedServer([Canned(204)]) as server:
+        connect(vm, server.base_url + "/prefix", "k", "s")
+        vm.run("for _ = 1, 20 do gw:NextJob(0) end")
+    nonces = [call.headers["X-NONCE"] for call in vm.requests]
+    assert len(set(nonces)) == 20
+    assert all(re.fullmatch(r"[0-9a-f]{32}", nonce) for nonce in nonces)
+    # The base URL's own path is part of the signed target.
+    call = vm.requests[0]
+    assert server.paths[0] == "/prefix/job/next?wait=0"
+    verify_request(
+        call.headers,
+        method="GET",
+        target="/prefix/job/next?wait=0",
+        api_keys=["k"],
+        secrets=["s"],
+        require_v2=True,
+    )
+
+
+def test_signature_version_1_is_still_available(vm: LuauVM) -> None:
+    with ScriptedServer([Canned(204)]) as server:
+        vm.run(
+            "JobGateway.new(...):NextJob(0)",
+            {
+                "baseUrl": server.base_url,
+                "apiKey": "k",
+                "hmacSecret": "s",
+                "signatureVersion": 1,
+            },
+        )
+    (call,) = vm.requests
+    assert set(call.headers) == {"X-API-KEY", "X-TIMESTAMP", "X-SIGNATURE"}
+    assert call.headers["X-SIGNATURE"] == signing.sign("s", call.headers["X-TIMESTAMP"])
+
+
 # --- Configuration ----------------------------------------------------------------
 
 
@@ -219,6 +327,11 @@ def test_refuses_to_run_on_a_players_client() -> None:
         ('{baseUrl = "https://x", hmacSecret = "s"}', "apiKey"),
         ('{baseUrl = "https://x", apiKey = "k", hmacSecret = ""}', "hmacSecret"),
         ('{baseUrl = "https://x", apiKey = "k", hmacSecret = "s", clock = 5}', "clock"),
+        (
+            '{baseUrl = "https://x", apiKey = "k", hmacSecret = "s",'
+            " signatureVersion = 3}",
+            "signatureVersion",
+        ),
     ],
 )
 def test_new_raises_on_a_configuration_mistake(
@@ -604,14 +717,20 @@ def test_publish_then_next_job(gateway_vm: LuauVM, live_gateway: Any) -> None:
     assert isinstance(body["place_id"], int) and isinstance(body["ttl"], int)
     assert take.method == "GET" and take.body is None
     for call in (publish, take):
-        verify(
-            call.headers["X-API-KEY"],
-            call.headers["X-TIMESTAMP"],
-            call.headers["X-SIGNATURE"],
+        # Signature v2 by default: method, target and body bound, with a nonce.
+        verified = verify_request(
+            call.headers,
+            method=call.method,
+            target=call.url.removeprefix(live_gateway.base_url),
+            body=(call.body or "").encode(),
             api_keys=[live_gateway.api_key],
             secrets=[live_gateway.hmac_secret],
+            require_v2=True,
         )
+        assert verified.version == 2
         assert re.fullmatch(r"[0-9a-f]{64}", call.headers["X-SIGNATURE"])
+        assert re.fullmatch(r"[0-9a-f]{32}", call.headers["X-NONCE"])
+    assert publish.headers["X-NONCE"] != take.headers["X-NONCE"]
 
 
 def test_publish_reports_duplicates_and_bad_fields(gateway_vm: LuauVM) -> None:
@@ -724,3 +843,43 @@ def test_run_delivers_a_job_from_the_gateway(
     assert log["errors"] == []
     assert log["stops"] == [{"reason": "stopped", "code": False}]
     assert len(gateway_vm.requests) == 1
+
+
+def test_a_gateway_that_requires_v2_takes_the_module_and_refuses_replays(
+    vm: LuauVM, transactional_db: None
+) -> None:
+    env = process_env(REQUIRE_SIGNATURE_V2="true")
+    with DaphneProcess(env=env) as gateway:
+        connect(vm, gateway.base_url, API_KEY, HMAC_SECRET)
+        job_id = unique_job_id()
+        ok, answer, next_ok, job, health_ok = vm.run(
+            """
+            local ok, answer = gw:Publish({job_id = ...})
+            local nextOk, job = gw:NextJob(0)
+            local healthOk = gw:Health()
+            return ok, answer, nextOk, job, healthOk
+            """,
+            job_id,
+        )
+        assert ok is True and answer["queued"] is True
+        assert next_ok is True and job["job_id"] == job_id
+        assert health_ok is True
+        # The gateway remembered the nonce: the same request again is refused.
+        health = vm.requests[-1]
+        replay = httpx.get(health.url, headers=health.headers, timeout=10)
+        assert replay.status_code == 401
+        assert replay.json()["error"] == "replayed_nonce"
+        (old,) = vm.run(
+            """
+            local config = ...
+            local _, err = JobGateway.new(config):Health()
+            return err.code
+            """,
+            {
+                "baseUrl": gateway.base_url,
+                "apiKey": API_KEY,
+                "hmacSecret": HMAC_SECRET,
+                "signatureVersion": 1,
+            },
+        )
+        assert old == "signature_v2_required"

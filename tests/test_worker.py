@@ -14,10 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway_client.__main__ import main
+from gateway_client.__main__ import main, parse_args, with_options
 from gateway_client.backoff import Backoff
 from gateway_client.client import GatewayClient
 from gateway_client.config import ConfigError, WorkerConfig
+from gateway_client.filters import JobFilter
 from gateway_client.worker import OutputClosed, Worker, WorkerError
 
 ENV = {"API_KEY": "key-one", "HMAC_SECRET": "secret-one"}
@@ -87,6 +88,9 @@ def test_values_are_read() -> None:
         ("MAX_BACKOFF", "0.1"),  # below INITIAL_BACKOFF's 0.5
         ("RETRIES", "-1"),
         ("LOG_LEVEL", "LOUD"),
+        ("WHERE", "money_per_sec>=10M;money"),
+        ("WHERE", "Money>=10M"),
+        ("WHERE", ";".join(["a=1"] * 21)),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str) -> None:
@@ -104,6 +108,54 @@ def test_credentials_are_required(name: str, value: str | None) -> None:
         env[name] = value
     with pytest.raises(ConfigError, match=name):
         WorkerConfig.from_env(env)
+
+
+def test_the_filter_is_read_from_the_environment() -> None:
+    env = {
+        **ENV,
+        "WHERE": " money_per_sec>=10M ; players<players_max;name~a, b;",
+        "CHANNELS": "111, 222,",
+        "TIER": " 10m+ ",
+    }
+    assert WorkerConfig.from_env(env).job_filter == JobFilter(
+        ("money_per_sec>=10M", "players<players_max", "name~a, b"),
+        ("111", "222"),
+        "10m+",
+    )
+    assert not WorkerConfig.from_env({**ENV, "WHERE": " ; ", "TIER": ""}).job_filter
+
+
+def test_filter_options_replace_the_environments() -> None:
+    env = {**ENV, "WHERE": "players>=1", "CHANNELS": "111", "TIER": "gold"}
+    config = WorkerConfig.from_env(env)
+    where = ["--where", "money_per_sec>=10M", "--where", "players<players_max"]
+    args = parse_args([*where, "--tier", "10m+"])
+    assert with_options(config, args).job_filter == JobFilter(
+        ("money_per_sec>=10M", "players<players_max"), ("111",), "10m+"
+    )
+    assert with_options(config, parse_args([])).job_filter == config.job_filter
+    only_channels = with_options(config, parse_args(["--channels", "A,B"]))
+    assert only_channels.job_filter == JobFilter(("players>=1",), ("A", "B"), "gold")
+
+
+def test_a_malformed_where_option_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(["--where", "money per sec>=10M"], env=ENV)
+    assert caught.value.code == 2
+    assert "money per sec>=10M" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("render", [repr, str])
+def test_the_config_never_shows_its_secrets(render: Callable[[Any], str]) -> None:
+    env = {**ENV, "API_KEY": "key-7f3a9c", "HMAC_SECRET": "secret-51e2d8"}
+    config = WorkerConfig.from_env(env)
+    text = render(config)
+    assert "key-7f3a9c" not in text and "secret-51e2d8" not in text
+    assert "base_url='http://127.0.0.1:8000'" in text  # the rest still shows
+    # Still there for the worker to use.
+    assert (config.api_key, config.hmac_secret) == ("key-7f3a9c", "secret-51e2d8")
 
 
 def test_main_reports_a_bad_setting_on_one_line(
@@ -243,6 +295,31 @@ async def test_a_bad_request_is_not_retried() -> None:
     with pytest.raises(WorkerError, match="not_found"):
         await worker.poll_once(worker.backoff())
     assert slept == []
+
+
+async def test_the_configured_filter_goes_on_every_long_poll() -> None:
+    gateway = Scripted([httpx.Response(204), httpx.Response(200, json={"job": JOB})])
+    worker, out, _ = make_worker(
+        gateway, WHERE="money_per_sec>=10M;players<players_max", TIER="10m+"
+    )
+    backoff = worker.backoff()
+    await worker.poll_once(backoff)
+    await worker.poll_once(backoff)
+    for request in gateway.requests:
+        params = request.url.params
+        assert params.get_list("where") == ["money_per_sec>=10M", "players<players_max"]
+        assert (params["tier"], params["wait"]) == ("10m+", "25")
+    assert json.loads(out.getvalue()) == JOB
+
+
+async def test_a_refused_filter_stops_the_worker_naming_the_detail() -> None:
+    detail = "tier='gold' is not a tier (10m+)."
+    refused = httpx.Response(400, json={"error": "bad_filter", "detail": detail})
+    worker, out, slept = make_worker(Scripted([refused]), TIER="gold")
+    with pytest.raises(WorkerError) as caught:
+        await worker.poll_once(worker.backoff())
+    assert detail in str(caught.value) and "TIER" in str(caught.value)
+    assert slept == [] and out.getvalue() == ""
 
 
 async def test_retries_counts_failures_in_a_row() -> None:

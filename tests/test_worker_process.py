@@ -224,6 +224,56 @@ async def test_follows_the_stream_with_channels_and_since(
     assert stdout == "" and "Traceback" not in stderr
 
 
+def server(job_id: str, money: str, players: str) -> dict[str, Any]:
+    fields = {"Money per sec": money, "Players": players}
+    return {"job_id": job_id, "title": "Brainrot Notify", "fields": fields}
+
+
+async def test_pulls_only_the_jobs_its_filter_matches(
+    live_gateway: LiveGateway,
+) -> None:
+    poor, full, rich = names("filtered", 3)
+    async with client_for(live_gateway) as client:
+        await client.publish(server(poor, "$2M/s", "3/8"))
+        await client.publish(server(full, "$12M/s", "8/8"))
+        await client.publish(server(rich, "$12M/s", "3/8"))
+        # The environment's WHERE is replaced by the --where options.
+        async with worker(
+            live_gateway,
+            "--where",
+            "money_per_sec>=10M",
+            "--where",
+            "players<players_max",
+            WHERE="money_per_sec<1",
+        ) as running:
+            printed = await running.jobs(1)
+            assert await running.stop(signal.SIGTERM) == 0
+            stdout, stderr = await running.rest()
+        left = [await client.next_job(), await client.next_job()]
+    assert [job["job_id"] for job in printed] == [rich]
+    assert printed[0]["numbers"]["money_per_sec"] == 12_000_000
+    # The others were never claimed: still queued, in order.
+    assert [job["job_id"] for job in left if job] == [poor, full]
+    assert stdout == "" and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("mode", ["pull", "--ws"])
+async def test_a_refused_filter_exits_naming_the_bad_part(
+    live_gateway: LiveGateway, mode: str
+) -> None:
+    args = [mode] if mode != "pull" else []
+    async with worker(live_gateway, *args, TIER="platinum") as running:
+        assert await running.exit_code(timeout=15) == 1
+        stdout, stderr = await running.rest()
+    errors = [line for line in stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "bad_filter" in errors[0]
+    assert "TIER" in errors[0]
+    # Over HTTP the gateway's own detail names the tier; /ws says only 403.
+    assert "platinum" in errors[0]
+    assert live_gateway.hmac_secret not in stderr and live_gateway.api_key not in stderr
+    assert stdout == "" and "Traceback" not in stderr
+
+
 async def test_ctrl_c_stops_at_once_with_long_polls_in_flight(
     live_gateway: LiveGateway,
 ) -> None:

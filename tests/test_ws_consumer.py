@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from gateway_client import signing
 from gateway_project.asgi import application
-from jobs import consumers, presence, services
+from jobs import consumers, filters, presence, services
 from jobs.models import Job
 from jobs.payloads import JobDraft
 from tests.stack import API_KEY, HMAC_SECRET
@@ -232,7 +232,7 @@ async def test_handshake_refused(
         "?channels=",
         "?channels=a,,b",
         "?channels=bad!",
-        "?channels=" + ",".join(str(n) for n in range(consumers.MAX_CHANNELS + 1)),
+        "?channels=" + ",".join(str(n) for n in range(filters.MAX_CHANNELS + 1)),
         "?since",
     ],
 )
@@ -305,7 +305,8 @@ async def test_since_the_newest_job_replays_nothing() -> None:
         assert await communicator.receive_nothing()
 
 
-Reader = Callable[[int, list[str]], Awaitable[list[dict[str, Any]]]]
+Channels = frozenset[str] | None
+Reader = Callable[[int, Channels], Awaitable[list[dict[str, Any]]]]
 
 
 @pytest.mark.parametrize("moment", ["before-the-read", "after-the-read"])
@@ -316,7 +317,7 @@ async def test_a_job_published_during_the_connect_arrives_exactly_once(
     during: list[dict[str, Any]] = []
 
     async def read_while_publishing(
-        after: int, channels: list[str]
+        after: int, channels: Channels
     ) -> list[dict[str, Any]]:
         # The consumer has joined its group already: the job's live frame
         # reaches it whether or not the read sees the job too.
@@ -343,7 +344,7 @@ async def test_a_live_job_older_than_the_replay_is_not_mistaken_for_a_replayed_o
     read: Reader = consumers._replay_batch
 
     async def read_before_late_commits(
-        after: int, channels: list[str]
+        after: int, channels: Channels
     ) -> list[dict[str, Any]]:
         batch = [job for job in await read(after, channels) if job["id"] != late["id"]]
         await services.broadcast(late)
@@ -364,7 +365,7 @@ async def test_a_late_live_copy_of_a_job_the_client_had_seen_is_not_sent(
     read: Reader = consumers._replay_batch
 
     async def read_with_a_late_broadcast(
-        after: int, channels: list[str]
+        after: int, channels: Channels
     ) -> list[dict[str, Any]]:
         await services.broadcast(seen)
         return await read(after, channels)

@@ -13,7 +13,9 @@ which prints ``READY <base url>`` once it listens. Control endpoints, under
 ``/_control/``: ``POST messages`` (``{channel_id, content, embeds}``: returns
 the message), ``POST behaviour`` (``{faults, limit, window, global_limit,
 token}``: each key given is replaced), ``GET requests?since=N``, ``DELETE
-requests`` and ``GET stats``.
+requests`` and ``GET stats``. The same application serves a fake Gateway
+(``tests/fakes/discord_gateway.py``): ``GET /api/v10/gateway/bot`` points at it,
+and every message posted is dispatched there as ``MESSAGE_CREATE``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import hashlib
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -108,6 +111,22 @@ class RequestRecord:
     channel_id: str
     status: int | None = None  # None: the connection was dropped
 
+    @classmethod
+    def of(cls, request: web.Request, channel_id: str = "") -> RequestRecord:
+        """The record of ``request``, taken as it arrives."""
+        transport = request.transport
+        peer = transport.get_extra_info("peername") if transport else None
+        return cls(
+            monotonic=time.monotonic(),
+            time=time.time(),
+            method=request.method,
+            path=request.path,
+            query=dict(request.query),
+            headers=dict(request.headers),
+            remote_port=peer[1] if peer else None,
+            channel_id=channel_id,
+        )
+
 
 @dataclass
 class _Window:
@@ -130,6 +149,8 @@ class FakeDiscordState:
     violations: int = 0  # requests sent while the limits said to wait
     invalid_requests: int = 0  # 401, 403 and non-shared 429, as Discord counts
     messages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Called with ("MESSAGE_CREATE", message) for each message posted.
+    listeners: list[Callable[[str, dict[str, Any]], None]] = field(default_factory=list)
     _ids: dict[str, list[int]] = field(default_factory=dict)
     _last_id: int = 0
     _buckets: dict[str, _Window] = field(default_factory=dict)
@@ -182,6 +203,8 @@ class FakeDiscordState:
         }
         self.messages.setdefault(channel_id, []).append(message)
         self._ids.setdefault(channel_id, []).append(snowflake)
+        for listener in self.listeners:
+            listener("MESSAGE_CREATE", message)
         return message
 
     def list_messages(
@@ -360,6 +383,10 @@ def build_app(state: FakeDiscordState) -> web.Application:
     app.router.add_get("/_control/requests", api.control_requests)
     app.router.add_delete("/_control/requests", api.control_requests)
     app.router.add_get("/_control/stats", api.control_stats)
+    # Imported here: the Gateway fake builds on this module's state.
+    from tests.fakes.discord_gateway import attach_gateway
+
+    attach_gateway(app, state)
     return app
 
 
@@ -369,19 +396,7 @@ class _Api:
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         channel_id = request.match_info["channel_id"]
-        peer = (
-            request.transport.get_extra_info("peername") if request.transport else None
-        )
-        record = RequestRecord(
-            monotonic=time.monotonic(),
-            time=time.time(),
-            method=request.method,
-            path=request.path,
-            query=dict(request.query),
-            headers=dict(request.headers),
-            remote_port=peer[1] if peer else None,
-            channel_id=channel_id,
-        )
+        record = RequestRecord.of(request, channel_id)
         self.state.requests.append(record)
         fault = self.state.take_fault(channel_id)
         if fault is not None and fault.kind == "drop":

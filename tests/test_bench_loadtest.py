@@ -1,0 +1,227 @@
+"""The load test's bookkeeping (bench/loadtest*.py): it must see every loss.
+
+A load test that reports "zero lost, zero duplicated" is only worth its
+accounting, so each check here drops, repeats or delays a frame on purpose and
+asserts that the tally notices. One short run through a real daphne checks that
+real frames and pulls are matched job by job. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+
+from bench.loadtest import Load, Stack, parse_args, run_phase
+from bench.loadtest_http import tally_workers
+from bench.loadtest_ws import LoadClient, LoadPool, Receipt, job_name, tally_ws
+
+PREFIX = "load-test-abc123"
+JOBS = 5
+CLIENTS = 3
+
+
+def frame(number: int, *, prefix: str = PREFIX, compact: bool = True) -> bytes:
+    """A job frame as the gateway's fan-out hub writes it."""
+    message = {
+        "type": "job",
+        "job": {
+            "id": 100 + number,
+            "job_id": job_name(prefix, number),
+            "channel": "api",
+            "fields": {"sent_at": "0"},
+        },
+    }
+    separators = (",", ":") if compact else (", ", ": ")
+    return json.dumps(message, separators=separators).encode()
+
+
+def sent_times() -> list[float]:
+    return [1000.0 + n for n in range(JOBS)]
+
+
+def receipts_with_every_frame() -> list[Receipt]:
+    """Every client got every job, 0.25 s after it was sent."""
+    receipts = [Receipt(PREFIX, JOBS) for _ in range(CLIENTS)]
+    for receipt in receipts:
+        for number, sent in enumerate(sent_times()):
+            assert receipt.record(sent + 0.25, frame(number))
+    return receipts
+
+
+def test_complete_delivery_is_counted_exactly() -> None:
+    tally = tally_ws(receipts_with_every_frame(), sent_times(), expected=range(JOBS))
+
+    assert tally.ok
+    assert (tally.clients, tally.expected, tally.delivered) == (3, 15, 15)
+    assert (tally.missing, tally.duplicated, tally.unexpected) == (0, 0, 0)
+    assert tally.jobs_to_all == JOBS
+    assert tally.latencies_ms == [pytest.approx(250.0)] * 15
+
+
+def test_a_dropped_frame_is_lost() -> None:
+    receipts = [Receipt(PREFIX, JOBS) for _ in range(CLIENTS)]
+    for index, receipt in enumerate(receipts):
+        for number, sent in enumerate(sent_times()):
+            if (index, number) == (1, 3):
+                continue  # dropped on purpose
+            receipt.record(sent + 0.25, frame(number))
+
+    tally = tally_ws(receipts, sent_times(), expected=range(JOBS))
+
+    assert not tally.ok
+    assert (tally.delivered, tally.missing, tally.late) == (14, 1, 0)
+    assert (tally.jobs_to_all, tally.jobs_to_some, tally.jobs_to_none) == (4, 1, 0)
+
+
+def test_a_job_dropped_before_the_fan_out_reaches_no_client() -> None:
+    receipts = [Receipt(PREFIX, JOBS) for _ in range(CLIENTS)]
+    for receipt in receipts:
+        for number, sent in enumerate(sent_times()):
+            if number != 2:
+                receipt.record(sent + 0.25, frame(number))
+
+    tally = tally_ws(receipts, sent_times(), expected=range(JOBS))
+
+    assert tally.missing == CLIENTS
+    assert tally.jobs_to_none == 1
+
+
+def test_a_repeated_frame_is_a_duplicate_and_keeps_the_first_arrival() -> None:
+    receipts = receipts_with_every_frame()
+    assert not receipts[0].record(5000.0, frame(4))
+
+    tally = tally_ws(receipts, sent_times(), expected=range(JOBS))
+
+    assert not tally.ok
+    assert (tally.delivered, tally.missing, tally.duplicated) == (15, 0, 1)
+    assert max(tally.latencies_ms) == pytest.approx(250.0)
+
+
+def test_a_frame_after_the_wait_is_late_and_counts_as_lost() -> None:
+    receipts = receipts_with_every_frame()
+    receipts[2].arrivals[4] = 9999.0
+
+    tally = tally_ws(receipts, sent_times(), expected=range(JOBS), until=2000.0)
+
+    assert not tally.ok
+    assert (tally.delivered, tally.missing, tally.late) == (14, 1, 1)
+
+
+def test_refused_and_foreign_jobs_are_unexpected_uncertain_ones_are_not() -> None:
+    receipts = receipts_with_every_frame()
+    receipts[0].record(1000.5, frame(0, prefix="load-other-ffffff"))
+
+    # Job 3 was refused (never expected), job 4 got no answer (uncertain).
+    tally = tally_ws(
+        receipts, sent_times(), expected=[0, 1, 2], uncertain=[4], until=math.inf
+    )
+
+    assert tally.unexpected == CLIENTS + 1  # job 3 at every client, plus the foreign
+    assert (tally.expected, tally.missing) == (9, 0)
+
+
+def test_frames_that_are_not_jobs_are_set_aside() -> None:
+    receipt = Receipt(PREFIX, JOBS)
+    assert not receipt.record(1.0, b'{"type": "pong", "server_time": 1.0}')
+    assert receipt.record(1.0, frame(1, compact=False))  # spaces after colons
+    assert not receipt.record(1.0, frame(JOBS))  # beyond the phase's jobs
+    assert (receipt.other, receipt.foreign) == (1, 1)
+
+
+def test_a_fragmented_frame_is_reassembled_by_the_client() -> None:
+    """The client's own frame parsing: hello, then a job in two fragments."""
+
+    async def feed() -> LoadClient:
+        pool = LoadPool("127.0.0.1", 1, prefix=PREFIX, jobs=JOBS)
+        client = LoadClient("127.0.0.1:1", "/ws", pool, wait_for_hello=True)
+        client._upgraded = True
+        hello = b'{"type":"hello","server_time":1.0,"last_id":null}'
+        payload = frame(2)
+        first, rest = payload[:10], payload[10:]
+        data = (
+            bytes([0x81, len(hello)]) + hello
+            # A text frame without FIN, then its continuation with FIN.
+            + bytes([0x01, len(first)]) + first
+            + bytes([0x80, 126]) + len(rest).to_bytes(2, "big") + rest
+        )  # fmt: skip
+        client.data_received(data)
+        assert client.ready.done()
+        assert pool.first_arrivals == 1
+        return client
+
+    client = asyncio.run(feed())
+    assert not math.isnan(client.receipt.arrivals[2])
+    assert client.receipt.other == 1  # the hello
+
+
+def test_workers_each_job_once() -> None:
+    sent = {f"job-{n}": 100.0 + n for n in range(4)}
+    claims = [(f"job-{n}", 100.5 + n, n % 2) for n in range(4)]
+
+    tally = tally_workers(claims, sent, expected=sent)
+
+    assert tally.ok
+    assert (tally.pulled, tally.missing, tally.duplicated) == (4, 0, 0)
+    assert tally.latencies_ms == [pytest.approx(500.0)] * 4
+
+
+def test_workers_a_job_pulled_twice_or_never_is_caught() -> None:
+    sent = {f"job-{n}": 100.0 + n for n in range(4)}
+    claims = [
+        ("job-0", 100.5, 0),
+        ("job-1", 101.5, 1),
+        ("job-1", 101.6, 0),  # handed out twice, to two workers
+        ("job-2", 900.0, 1),  # after the wait: late
+        ("job-9", 104.0, 0),  # never published
+    ]
+
+    tally = tally_workers(claims, sent, expected=sent, until=500.0, leftovers=["job-3"])
+
+    assert not tally.ok
+    assert tally.pulled == 2
+    # job-2 pulled after the wait, job-3 found still queued: both lost, late.
+    assert (tally.missing, tally.late) == (2, 2)
+    assert (tally.duplicated, tally.unexpected) == (1, 1)
+
+
+def test_quick_is_a_small_run() -> None:
+    args = parse_args(["--quick"])
+    assert (args.clients, args.workers, args.duration) == (100, 10, 10.0)
+    with pytest.raises(SystemExit):
+        parse_args(["--wait", "31"])
+
+
+def test_a_short_phase_through_daphne_counts_every_frame_and_pull() -> None:
+    """Real clients, workers and publisher against a real daphne: all accounted."""
+    from bench.gateway import Gateway
+
+    gateway = Gateway(access_log=False)
+    try:
+        gateway.start()
+        stack = Stack("embedded", "SQLite + in-memory channel layer", gateway)
+        load = Load(
+            clients=4,
+            workers=2,
+            rate=10.0,
+            duration=1.0,
+            wait=2.0,
+            client_procs=1,
+            flood=False,
+            flood_concurrency=1,
+            flood_rate=0.0,
+            drain_timeout=30.0,
+        )
+        result = asyncio.run(run_phase(stack, load, "smoke"))
+    finally:
+        gateway.close()
+
+    assert result.connected == 4
+    assert result.jobs_accepted == 10
+    assert (result.ws_expected, result.ws_delivered) == (40, 40)
+    assert result.pulled == 10
+    assert not result.lost_or_duplicated
+    assert result.left_in_queue == 0
+    assert result.wait_ended == "complete"

@@ -1,0 +1,196 @@
+"""Filtered claims below the HTTP layer: the Redis scan and the wake-ups.
+
+Many processes claiming with and without filters: tests/test_queue_concurrency.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis.asyncio
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from jobs import queues, wakeups
+from jobs.filters import parse_filter_query
+from jobs.models import Job
+from jobs.numbers import numbers_from_fields
+
+RICH = parse_filter_query("where=money>=10M")
+
+
+@sync_to_async
+def _store(money: str) -> Job:
+    now = timezone.now()
+    job = Job.objects.create(
+        job_id=f"job-{money}",
+        fields={"Money": money},
+        numbers=numbers_from_fields({"Money": money}),
+        created_at=now,
+        expires_at=now + timedelta(minutes=5),
+    )
+    queues.get_queue().enqueue(job)
+    return job
+
+
+# --- The Redis list's scan ------------------------------------------------------
+
+
+@pytest.fixture
+def redis_queue(transactional_db: None, settings: Any, clean_redis: str) -> str:
+    settings.QUEUE_BACKEND = "redis"
+    settings.REDIS_URL = clean_redis
+    return clean_redis
+
+
+async def test_the_redis_scan_skips_nothing_when_others_pop_meanwhile(
+    redis_queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries popped from the head mid-scan shift every position down by three.
+
+    A scan by position would then skip three entries, the match among them; the
+    scan anchors each page on entries of the last one, found by value.
+    """
+    monkeypatch.setattr(queues, "SCAN_BATCH", 2)
+    await _store("20M")  # the oldest match, taken by the pops below
+    for _ in range(3):
+        await _store("1M")
+    wanted = await _store("30M")
+    for _ in range(3):
+        await _store("1M")
+    real_take = queues.RedisQueue._take_if_matching
+    popped: list[bytes] = []
+
+    async def take_while_others_pop(
+        self: queues.RedisQueue, client: Any, raw: bytes, *rest: Any
+    ) -> dict[str, Any] | None:
+        result = await real_take(self, client, raw, *rest)
+        if not popped:
+            # Three claims elsewhere, just after this scan read its first page.
+            other = redis.asyncio.Redis.from_url(redis_queue)
+            popped.extend(await other.lpop(queues.QUEUE_KEY, 3))  # type: ignore[arg-type]
+            await other.aclose()
+            return None  # as if another had removed the match first
+        return result
+
+    monkeypatch.setattr(queues.RedisQueue, "_take_if_matching", take_while_others_pop)
+    job = await queues.get_queue().claim("10.0.0.1", RICH)
+    assert len(popped) == 3
+    assert job is not None and job["id"] == wanted.pk
+    # Nothing else was taken by the scan.
+    assert await queues.get_queue().depth() == 7 - 3 - 1
+
+
+async def test_the_redis_scan_starts_over_when_its_anchors_are_gone(
+    redis_queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queues, "SCAN_BATCH", 2)
+    monkeypatch.setattr(queues, "SCAN_ANCHORS", 1)
+    for _ in range(4):
+        await _store("1M")
+    wanted = await _store("30M")
+    real_take = queues.RedisQueue._take_if_matching
+    calls = 0
+
+    async def take_while_others_drain(
+        self: queues.RedisQueue, client: Any, raw: bytes, *rest: Any
+    ) -> dict[str, Any] | None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            # The whole first page (the anchor included) claimed elsewhere.
+            other = redis.asyncio.Redis.from_url(redis_queue)
+            await other.lpop(queues.QUEUE_KEY, 2)
+            await other.aclose()
+        return await real_take(self, client, raw, *rest)
+
+    monkeypatch.setattr(queues.RedisQueue, "_take_if_matching", take_while_others_drain)
+    job = await queues.get_queue().claim("10.0.0.1", RICH)
+    assert job is not None and job["id"] == wanted.pk
+    assert await queues.get_queue().depth() == 2
+
+
+async def test_expired_entries_met_by_a_scan_are_dropped(
+    redis_queue: str, settings: Any
+) -> None:
+    stale = await _store("50M")
+    await Job.objects.filter(pk=stale.pk).aupdate(
+        expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    queue = queues.get_queue()
+    client = redis.asyncio.Redis.from_url(redis_queue)
+    # The list entry carries its own expiry: rewrite it as expired.
+    raw = await client.lpop(queues.QUEUE_KEY)
+    assert isinstance(raw, bytes)
+    entry = json.loads(raw)
+    entry["expires"] = 0
+    await client.rpush(queues.QUEUE_KEY, json.dumps(entry))
+    await client.aclose()
+    fresh = await _store("50M")
+    job = await queue.claim("10.0.0.1", RICH)
+    assert job is not None and job["id"] == fresh.pk
+    assert await queue.depth() == 0
+    assert (await Job.objects.aget(pk=stale.pk)).status == Job.Status.EXPIRED
+
+
+# --- Wake-ups -------------------------------------------------------------------
+
+
+async def test_a_filtered_waiter_reads_every_job_published_meanwhile() -> None:
+    signal = wakeups.Signal()
+    generation = signal.generation()
+    # Published before the waiter looks: it must still see all three, in order.
+    for money in (1, 2, 30_000_000):
+        signal.fire({"numbers": {"money": money}})
+    assert await wakeups.wait(generation, 5, RICH)
+    later = signal.generation()
+    waiter = asyncio.create_task(wakeups.wait(later, 0.3, RICH))
+    signal.fire({"numbers": {"money": 5}})
+    signal.fire({"numbers": {}})
+    assert not await waiter  # nothing it wanted: it timed out
+    assert later.job == {"numbers": {"money": 5}}
+    assert wakeups.waiting() == 0
+
+
+async def test_a_wake_up_without_a_job_wakes_every_waiter() -> None:
+    signal = wakeups.Signal()
+    generation = signal.generation()
+    signal.fire(None)  # Redis came back: something may have been published
+    assert await wakeups.wait(generation, 5, RICH)
+    assert await wakeups.wait(generation, 5, None)
+
+
+def test_redis_messages_carry_the_job_and_skip_their_sender() -> None:
+    signal = wakeups.Signal()
+    job = {"id": 1, "numbers": {"money": 1}}
+    mine = json.dumps({"origin": signal.origin, "job": job})
+    theirs = json.dumps({"origin": "elsewhere", "job": job})
+    assert wakeups._job_in(signal, mine) == (False, None)
+    assert wakeups._job_in(signal, theirs) == (True, job)
+    # An older process's bare "1": some job, unknown.
+    assert wakeups._job_in(signal, b"1") == (True, None)
+    assert wakeups._job_in(signal, b"not json") == (True, None)
+
+
+async def test_a_job_relayed_through_redis_reaches_filtered_waiters(
+    redis_queue: str,
+) -> None:
+    signal = wakeups.signal()
+    generation = signal.generation()  # starts this process's listener
+    publisher = redis.asyncio.Redis.from_url(redis_queue)
+    try:
+        # Another test's listener may be subscribed too: await this one's.
+        await asyncio.wait_for(signal.listening.wait(), 10)
+        for money in (1, 20_000_000):
+            message = {"origin": "replica-2", "job": {"numbers": {"money": money}}}
+            await publisher.publish(wakeups.PUBLISHED_CHANNEL, json.dumps(message))
+        assert await wakeups.wait(generation, 5, RICH)
+        assert generation.job == {"numbers": {"money": 1}}  # passed over first
+        assert generation.next is not None
+        assert generation.next.job == {"numbers": {"money": 20_000_000}}
+    finally:
+        await publisher.aclose()

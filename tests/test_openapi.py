@@ -1,0 +1,202 @@
+"""The OpenAPI document: served, complete, and true to the running gateway.
+
+The fuzzing half loads the document from a real daphne process
+(``GET /openapi.json``) and lets schemathesis send every operation generated
+requests, valid and invalid, each signed by an auth hook with the test keys.
+Every answer must be documented (status, content type, headers, body schema)
+and none may be a 500. ``OPENAPI_EXAMPLES`` sets the examples per operation
+and generation mode (default 25; a nightly run can raise it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from django.urls import URLPattern, URLResolver, get_resolver
+from hypothesis import HealthCheck, settings
+from schemathesis.generation.case import Case as GenericCase
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+from gateway_client.signing import signed_headers
+from jobs import filters, payloads, views
+from jobs.schema import DOCUMENT
+from tests.conftest import LiveGateway
+from tests.stack import API_KEY, HMAC_SECRET
+
+EXAMPLES = int(os.environ.get("OPENAPI_EXAMPLES", "25"))
+# A long poll on an empty queue lasts its whole wait: the hook keeps each
+# generated wait this short so the run stays fast (parsing is what is tested).
+MAX_FUZZ_WAIT = 0.2
+
+Case = GenericCase[Any]
+SPEC: dict[str, Any] = json.loads(DOCUMENT.read_text("utf-8"))
+SCHEMAS = SPEC["components"]["schemas"]
+
+
+# --- The document itself ----------------------------------------------------------
+
+
+def _api_routes() -> set[str]:
+    """Every path the URLconf serves, less the admin and the 404 catch-alls."""
+    routes = set()
+    for entry in get_resolver().url_patterns:
+        if isinstance(entry, URLResolver):
+            continue  # the admin
+        assert isinstance(entry, URLPattern)
+        route = str(entry.pattern)
+        if route.startswith("admin/") or route in ("", "<path:unknown>"):
+            continue
+        routes.add("/" + route)
+    return routes
+
+
+def test_it_is_openapi_3_1_and_loads() -> None:
+    assert SPEC["openapi"].startswith("3.1.")
+    # schemathesis validates the document (OpenAPI 3.1) and resolves every
+    # $ref of every operation.
+    loaded = schemathesis.openapi.from_dict(SPEC)
+    for path, methods in SPEC["paths"].items():
+        for method in methods:
+            operation = loaded[path][method.upper()]
+            assert operation.path == path
+
+
+def test_every_route_of_the_api_is_documented() -> None:
+    assert _api_routes() == set(SPEC["paths"])
+
+
+def test_limits_agree_with_the_code() -> None:
+    job_input = SCHEMAS["JobInput"]["properties"]
+    assert job_input["job_id"]["pattern"] == f"^{payloads.JOB_ID_RE.pattern}$"
+    assert job_input["channel"]["pattern"] == f"^{payloads.CHANNEL_RE.pattern}$"
+    assert job_input["ttl"]["maximum"] == payloads.MAX_TTL_SECONDS
+    assert job_input["fields"]["maxProperties"] == payloads.MAX_FIELDS
+    assert set(job_input) == payloads.ALLOWED_KEYS
+    parameters = {p["name"]: p for p in SPEC["paths"]["/job/next"]["get"]["parameters"]}
+    assert parameters["wait"]["schema"]["maximum"] == views.MAX_WAIT_SECONDS
+    assert parameters["where"]["schema"]["maxItems"] == filters.MAX_CLAUSES
+
+
+def test_every_error_answer_has_the_contract_shape() -> None:
+    error = SCHEMAS["Error"]
+    assert error["required"] == ["error", "detail"]
+    for path, item in SPEC["paths"].items():
+        for method, operation in item.items():
+            for status, response in operation["responses"].items():
+                if int(status) < 400:
+                    continue
+                name = response["$ref"].rsplit("/", 1)[-1]
+                content = SPEC["components"]["responses"][name]["content"]
+                ref = content["application/json"]["schema"]["$ref"]
+                assert ref == "#/components/schemas/Error", (method, path, status)
+
+
+def test_signed_operations_declare_the_v1_and_v2_headers() -> None:
+    schemes = SPEC["components"]["securitySchemes"]
+    names = {scheme.get("name") for scheme in schemes.values()}
+    assert {
+        "X-API-KEY",
+        "X-TIMESTAMP",
+        "X-SIGNATURE",
+        "X-SIGNATURE-VERSION",
+        "X-NONCE",
+    } <= names
+    public = {"/healthz", "/openapi.json"}
+    for path, item in SPEC["paths"].items():
+        for operation in item.values():
+            security = operation.get("security", SPEC["security"])
+            assert (security == []) == (path in public), path
+
+
+def test_it_is_served_unsigned_and_read_only(live_gateway: LiveGateway) -> None:
+    with httpx.Client(base_url=live_gateway.base_url) as client:
+        served = client.get("/openapi.json")
+        refused = client.post("/openapi.json")
+    assert served.status_code == 200
+    assert served.headers["content-type"] == "application/json"
+    assert served.json() == SPEC
+    assert refused.status_code == 405
+    assert refused.json()["error"] == "method_not_allowed"
+    assert refused.headers["Allow"] == "GET, HEAD"
+
+
+async def test_integral_floats_are_integers_as_json_schema_says(
+    api: httpx.AsyncClient, sign: Any
+) -> None:
+    # schemathesis found it: JSON Schema's integer 383.0 was a 400.
+    body = {"job_id": "float-ttl", "ttl": 383.0, "place_id": 5.0}
+    response = await api.post("/job", json=body, headers=sign())
+    assert response.status_code == 201, response.text
+    assert response.json()["job"]["place_id"] == 5
+    refused = await api.post(
+        "/job", json={"job_id": "half", "ttl": 1.5}, headers=sign()
+    )
+    assert refused.status_code == 400
+
+
+# --- schemathesis against a real daphne ------------------------------------------
+
+
+class SignedRequests:
+    """The auth hook: signs each generated request with the test keys, now."""
+
+    def get(self, case: Case, ctx: schemathesis.AuthContext) -> str:
+        return API_KEY
+
+    def set(self, case: Case, data: str, ctx: schemathesis.AuthContext) -> None:
+        case.headers.update(signed_headers(data, HMAC_SECRET))
+
+
+@pytest.fixture
+def live_schema(live_gateway: LiveGateway) -> schemathesis.BaseSchema:
+    """The document as the live gateway serves it, pointed at that gateway."""
+    loaded = schemathesis.openapi.from_url(f"{live_gateway.base_url}/openapi.json")
+    loaded.config.update(base_url=live_gateway.base_url)
+    loaded.auth(refresh_interval=None)(SignedRequests)
+
+    @loaded.hook
+    def map_query(
+        context: schemathesis.HookContext, query: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
+        wait = (query or {}).get("wait")
+        if isinstance(wait, int | float) and not isinstance(wait, bool):
+            assert query is not None
+            query["wait"] = min(wait, MAX_FUZZ_WAIT)
+        return query
+
+    return loaded
+
+
+fuzzed = schemathesis.pytest.from_fixture("live_schema")
+
+
+def _excluded(case: Case) -> list[schemathesis.CheckFunction]:
+    """Checks that cannot hold for this operation, and why.
+
+    ``GET /job/next``: a filter's meaning is beyond a schema. ``where=a>b!``
+    has the documented shape but no number to compare with, and ``tier=x``
+    names no tier configured here: both are (documented) 400s for data the
+    schema allows. Shape violations must still be refused, and are.
+    """
+    if case.operation.path == "/job/next":
+        return [positive_data_acceptance]
+    return []
+
+
+@pytest.mark.processes
+@fuzzed.parametrize()
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+def test_the_gateway_keeps_to_its_document(case: Case) -> None:
+    # Status, content type, headers and body are checked against the
+    # document; a 500 is undocumented, so it fails too, and says so here.
+    response = case.call_and_validate(excluded_checks=_excluded(case))
+    assert response.status_code < 500, response.text
