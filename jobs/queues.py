@@ -2,8 +2,9 @@
 
 Each job is handed to exactly one caller, oldest first, and an expired job is
 never handed out. ``database`` keeps the queue in the job table itself (the
-default); ``redis`` keeps job ids in a Redis list, as the seed service did, and
-still records claims in the table for the admin.
+default); ``redis`` keeps the jobs in a Redis list, as the seed service did,
+and still records claims in the table for the admin (a claim cut off between
+the two is put back: ``CLAIMING_KEY``).
 
 A claim with a filter (docs/filters.md) takes the oldest job that matches,
 never another: it reads the queue oldest first, in batches, tests each job in
@@ -37,6 +38,15 @@ from jobs.models import Job
 logger = logging.getLogger(__name__)
 
 QUEUE_KEY = "gateway:queue"
+# Entries a claim has taken from the Redis list and not yet settled in the
+# table, scored by when. A process that dies in between (or a reply lost with
+# Redis) leaves its entry here, and the next claim of any process puts it back
+# at the head once it is older than CLAIM_TIMEOUT_SECONDS and the table still
+# holds the job as queued. The table's conditional write keeps that exactly
+# once even if the first claim was only slow: whichever records first wins.
+CLAIMING_KEY = "gateway:claiming"
+CLAIM_TIMEOUT_SECONDS = 30.0
+RESTORE_EVERY_SECONDS = 5.0
 # Jobs a filtered claim reads at a time, from the table or the Redis list.
 SCAN_BATCH = 500
 
@@ -276,10 +286,37 @@ SCAN_ANCHORS = 4
 MAX_SCAN_RESTARTS = 20
 
 
+# Take the head entry and note it as being claimed, in one atomic step.
+_POP_LUA = """
+local raw = redis.call('LPOP', KEYS[1])
+if raw then redis.call('ZADD', KEYS[2], ARGV[1], raw) end
+return raw
+"""
+# Take this entry, if still there, and note it as being claimed.
+_TAKE_LUA = """
+if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 1 then
+  redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+# Put a claim that never finished back at the head, unless someone else did.
+_RESTORE_LUA = """
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
 class RedisQueue:
     """A Redis list of jobs (RPUSH, LPOP): one atomic pop per claim."""
 
     name = "redis"
+
+    def __init__(self) -> None:
+        self._restored_at = -float("inf")  # monotonic seconds
 
     def enqueue(self, job: Job) -> None:
         entry = {"job": job.to_wire(), "expires": job.expires_at.timestamp()}
@@ -288,24 +325,23 @@ class RedisQueue:
     async def claim(
         self, claimer: str, job_filter: JobFilter | None = None
     ) -> dict[str, Any] | None:
+        client = redis_clients.async_client()
+        await self._restore_now_and_then(client)
         if job_filter is not None and not job_filter.is_empty:
             return await self._claim_matching(claimer, job_filter)
-        client = redis_clients.async_client()
+        pop = client.register_script(_POP_LUA)
         while True:
-            raw: bytes | None = await client.lpop(QUEUE_KEY)  # type: ignore[assignment]
+            raw: bytes | None = await pop(
+                keys=[QUEUE_KEY, CLAIMING_KEY], args=[time.time()]
+            )
             if raw is None:
                 return None
-            entry = json.loads(raw)
-            job: dict[str, Any] = entry["job"]
-            now = timezone.now()
-            if entry["expires"] <= now.timestamp():
-                await _record(job["id"], Job.Status.EXPIRED, None, None, now)
-                metrics.JOBS_EXPIRED.inc()
-                continue
-            if await _record(job["id"], Job.Status.CLAIMED, now, claimer, now):
+            try:
+                job = await _settle(json.loads(raw), claimer)
+            finally:
+                await _claimed(client, raw)
+            if job is not None:
                 return job
-            # The table says this entry is stale: the admin expired the job,
-            # or requeued it and a newer entry already handed it out.
 
     async def _claim_matching(
         self, claimer: str, job_filter: JobFilter
@@ -344,21 +380,27 @@ class RedisQueue:
         self, client: Any, raw: bytes, claimer: str, job_filter: JobFilter
     ) -> dict[str, Any] | None:
         entry = json.loads(raw)
-        job: dict[str, Any] = entry["job"]
-        now = timezone.now()
-        if entry["expires"] <= now.timestamp():
-            # Expired entries are dropped on the way, as a pop would.
-            if await client.lrem(QUEUE_KEY, 1, raw):
-                await _record(job["id"], Job.Status.EXPIRED, None, None, now)
-                metrics.JOBS_EXPIRED.inc()
+        expired = entry["expires"] <= time.time()
+        # Expired entries are dropped on the way, as a pop would.
+        if not expired and not job_filter.matches(entry["job"]):
             return None
-        if not job_filter.matches(job):
-            return None
-        if not await client.lrem(QUEUE_KEY, 1, raw):
+        take = client.register_script(_TAKE_LUA)
+        if not await take(keys=[QUEUE_KEY, CLAIMING_KEY], args=[time.time(), raw]):
             return None  # another claimer removed it first
-        if await _record(job["id"], Job.Status.CLAIMED, now, claimer, now):
-            return job
-        return None  # stale, as in claim()
+        try:
+            return await _settle(entry, claimer)
+        finally:
+            await _claimed(client, raw)
+
+    async def _restore_now_and_then(self, client: Any) -> None:
+        now = time.monotonic()
+        if now - self._restored_at < RESTORE_EVERY_SECONDS:
+            return
+        self._restored_at = now
+        try:
+            await restore_unfinished_claims(client)
+        except Exception as exc:
+            logger.warning("could not look for unfinished claims: %s", exc)
 
     async def depth(self) -> int:
         return int(await redis_clients.async_client().llen(QUEUE_KEY))
@@ -368,6 +410,62 @@ class RedisQueue:
         entry = {"job": job, "expires": expires}
         await _unclaim(job["id"])
         await redis_clients.async_client().lpush(QUEUE_KEY, json.dumps(entry))
+
+
+async def _settle(entry: dict[str, Any], claimer: str) -> dict[str, Any] | None:
+    """Record a taken entry in the table: the job if it is the claimer's, else None."""
+    job: dict[str, Any] = entry["job"]
+    now = timezone.now()
+    if entry["expires"] <= now.timestamp():
+        await _record(job["id"], Job.Status.EXPIRED, None, None, now)
+        metrics.JOBS_EXPIRED.inc()
+        return None
+    if await _record(job["id"], Job.Status.CLAIMED, now, claimer, now):
+        return job
+    # The table says this entry is stale: the admin expired the job, or
+    # requeued it and a newer entry already handed it out.
+    return None
+
+
+async def _claimed(client: Any, raw: bytes) -> None:
+    """The claim of ``raw`` is settled: it no longer needs putting back."""
+    try:
+        await client.zrem(CLAIMING_KEY, raw)
+    except Exception as exc:
+        # Harmless: restoring it later finds the job no longer queued.
+        logger.warning("could not clear a finished claim: %s", exc)
+
+
+async def restore_unfinished_claims(
+    client: Any, older_than: float = CLAIM_TIMEOUT_SECONDS
+) -> int:
+    """Put back claims taken from the list but never settled; how many."""
+    stale: list[bytes] = await client.zrangebyscore(
+        CLAIMING_KEY, "-inf", time.time() - older_than, start=0, num=SCAN_BATCH
+    )
+    if not stale:
+        return 0
+    entries = {raw: json.loads(raw) for raw in stale}
+    queued = await _still_queued([entry["job"]["id"] for entry in entries.values()])
+    restore = client.register_script(_RESTORE_LUA)
+    restored = 0
+    # Newest first onto the head, so that the oldest ends up first in line.
+    for raw, entry in sorted(entries.items(), key=lambda item: -item[1]["job"]["id"]):
+        if entry["job"]["id"] in queued:
+            restored += await restore(keys=[QUEUE_KEY, CLAIMING_KEY], args=[raw])
+        else:
+            await client.zrem(CLAIMING_KEY, raw)
+    if restored:
+        logger.warning("put back %d job(s) whose claim never finished", restored)
+    return restored
+
+
+@in_db_thread
+def _still_queued(pks: list[int]) -> set[int]:
+    rows = Job.objects.filter(
+        pk__in=pks, status=Job.Status.QUEUED, expires_at__gt=timezone.now()
+    )
+    return set(rows.values_list("pk", flat=True))
 
 
 @in_db_thread

@@ -338,7 +338,8 @@ async def test_redis_killed_and_restarted(
             traffic,
             await statuses(sorted(traffic.acknowledged.values())),
             # Redis popped it, its reply died with Redis: the table still
-            # says queued. Claimed if the kill came after the table's update.
+            # says queued (put back by a claim 30 s later, after this test).
+            # Claimed if the kill came after the table's update.
             stranded_as={"queued", "claimed"},
         )
         depth = await asyncio.to_thread(
