@@ -8,11 +8,12 @@ when its ``requirements.txt`` changes.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from bench.common import API_KEY, HMAC_SECRET, REPO_ROOT
@@ -135,3 +136,29 @@ def _seed_env(redis_url: str | None) -> Mapping[str, str]:
         # The seed's folder is read-only; nothing to cache there.
         "PYTHONDONTWRITEBYTECODE": "1",
     }
+
+
+def seed_factory(
+    args: argparse.Namespace,
+) -> Callable[[str | None], SeedProcess] | None:
+    """Starts the seed (on Redis, given a URL) for a benchmark's ``--baseline-dir``.
+
+    None, said aloud, with ``--no-baseline`` or when the seed cannot be set up:
+    the gateway then runs alone, without ratios.
+    """
+    if args.no_baseline:
+        print("Baseline left out (--no-baseline): the gateway runs alone.")
+        return None
+    try:
+        seed_dir = find_baseline(args.baseline_dir)
+        python = ensure_venv(seed_dir)
+    except BaselineUnavailableError as exc:
+        print(f"Baseline unavailable: {exc}. The gateway runs alone, without ratios.")
+        return None
+
+    def start(redis_url: str | None) -> SeedProcess:
+        return SeedProcess(
+            python, seed_dir, redis_url=redis_url, access_log=args.access_log
+        )
+
+    return start

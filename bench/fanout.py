@@ -41,12 +41,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from bench.baseline import (
-    BaselineUnavailableError,
-    SeedProcess,
-    ensure_venv,
-    find_baseline,
-)
+from bench.baseline import seed_factory
 from bench.common import (
     REPO_ROOT,
     RESULTS_DIR,
@@ -186,7 +181,7 @@ class Side:
 
 def build_sides(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Side]:
     """The servers to compare; prints why any is left out."""
-    seed = _seed_factory(args)
+    seed = seed_factory(args)
     access_log: bool = args.access_log
     sides: list[Side] = []
     wanted: set[str] = args.configs
@@ -256,25 +251,6 @@ def _layer_gateway(
     return lambda side: LayerGateway(
         channel_layer=layer, redis_url=redis_for(side), access_log=access_log
     )
-
-
-def _seed_factory(args: argparse.Namespace) -> Callable[[str | None], Server] | None:
-    if args.no_baseline:
-        print("Baseline left out (--no-baseline): the gateway runs alone.")
-        return None
-    try:
-        seed_dir = find_baseline(args.baseline_dir)
-        python = ensure_venv(seed_dir)
-    except BaselineUnavailableError as exc:
-        print(f"Baseline unavailable: {exc}. The gateway runs alone, without ratios.")
-        return None
-
-    def factory(redis_url: str | None) -> Server:
-        return SeedProcess(
-            python, seed_dir, redis_url=redis_url, access_log=args.access_log
-        )
-
-    return factory
 
 
 def raise_file_limit(clients: int) -> None:

@@ -33,12 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bench import load
-from bench.baseline import (
-    BaselineUnavailableError,
-    SeedProcess,
-    ensure_venv,
-    find_baseline,
-)
+from bench.baseline import seed_factory
 from bench.common import (
     REPO_ROOT,
     RESULTS_DIR,
@@ -142,7 +137,7 @@ class Options:
 
 def build_groups(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Group]:
     """The groups to run; prints why any part is left out."""
-    seed = _seed_factory(args)
+    seed = seed_factory(args)
     access_log: bool = args.access_log
     groups: list[Group] = []
 
@@ -213,25 +208,6 @@ def build_groups(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[
             )
             groups.append(Group("Redis", sides))
     return groups
-
-
-def _seed_factory(args: argparse.Namespace) -> Callable[[str | None], Server] | None:
-    if args.no_baseline:
-        print("Baseline left out (--no-baseline): the gateway runs alone.")
-        return None
-    try:
-        seed_dir = find_baseline(args.baseline_dir)
-        python = ensure_venv(seed_dir)
-    except BaselineUnavailableError as exc:
-        print(f"Baseline unavailable: {exc}. The gateway runs alone, without ratios.")
-        return None
-
-    def make(redis_url: str | None) -> Server:
-        return SeedProcess(
-            python, seed_dir, redis_url=redis_url, access_log=args.access_log
-        )
-
-    return make
 
 
 # --- Measuring ------------------------------------------------------------------

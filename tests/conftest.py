@@ -104,6 +104,26 @@ def clean_redis(redis_url: str) -> str:
     return redis_url
 
 
+@pytest.fixture
+def empty_redis(request: pytest.FixtureRequest) -> None:
+    """On the services stack, an empty Redis: its queue and nonces outlive tests."""
+    if STACK == "services":
+        request.getfixturevalue("clean_redis")
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> str:
+    """Check an error answer's shape (contract section 5); return its ``detail``."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error", "detail"}
+    assert body["error"] == code
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
+    detail: str = body["detail"]
+    return detail
+
+
 @pytest.fixture(params=["database", "redis"])
 def queue_backend(request: pytest.FixtureRequest, settings: Any) -> str:
     """Run the test once per queue backend."""

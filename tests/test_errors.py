@@ -15,31 +15,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from jobs import services
 from jobs.models import Job
 from jobs.queues import DatabaseQueue, RedisQueue
+from tests.conftest import assert_error
 from tests.servers import free_port
-from tests.stack import STACK
+
+pytestmark = pytest.mark.usefixtures("empty_redis")
 
 Sign = Callable[..., dict[str, str]]
 
 count_jobs = sync_to_async(Job.objects.count)
-
-
-@pytest.fixture(autouse=True)
-def _empty_redis(request: pytest.FixtureRequest) -> None:
-    # On the services stack the queue lives in Redis, which outlives each test.
-    if STACK == "services":
-        request.getfixturevalue("clean_redis")
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> str:
-    """Check an error answer's shape; return its ``detail``."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"error", "detail"}
-    assert body["error"] == code
-    assert isinstance(body["detail"], str)
-    assert body["detail"]
-    return body["detail"]
 
 
 @pytest.fixture(params=[False, True], ids=["debug-off", "debug-on"])

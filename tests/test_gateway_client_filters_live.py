@@ -22,21 +22,14 @@ import pytest
 from gateway_client import BadFilter, GatewayClient
 from tests.conftest import process_env
 from tests.servers import DaphneProcess
-from tests.stack import API_KEY, HMAC_SECRET, STACK
+from tests.stack import API_KEY, HMAC_SECRET
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]
 
 # Servers making at least 10M/s that are not full.
 RICH_OPEN = ["money_per_sec>=10M", "players<players_max"]
 # "+" in a tier's name must reach the gateway as %2B, not as a space.
 TIERS = {"open-10m+": "where=money_per_sec>=10M&where=players<players_max"}
-
-
-@pytest.fixture(autouse=True)
-def _empty_redis(request: pytest.FixtureRequest) -> None:
-    # On the services stack the queue lives in Redis, which outlives each test.
-    if STACK == "services":
-        request.getfixturevalue("clean_redis")
 
 
 @pytest.fixture

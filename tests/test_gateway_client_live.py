@@ -12,16 +12,8 @@ import pytest
 
 from gateway_client import AuthError, GatewayClient, GatewayError, PublishResult
 from tests.conftest import LiveGateway
-from tests.stack import STACK
 
-pytestmark = pytest.mark.processes
-
-
-@pytest.fixture(autouse=True)
-def _empty_redis(request: pytest.FixtureRequest) -> None:
-    # On the services stack the queue lives in Redis, which outlives each test.
-    if STACK == "services":
-        request.getfixturevalue("clean_redis")
+pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]
 
 
 def client_for(gateway: LiveGateway, **kwargs: Any) -> GatewayClient:

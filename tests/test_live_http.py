@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from gateway_client import signing
-from tests.conftest import process_env
+from tests.conftest import assert_error, process_env
 from tests.servers import DaphneProcess
 from tests.stack import STACK
 
@@ -36,13 +36,6 @@ def client(
         request.getfixturevalue("clean_redis")
     with httpx.Client(base_url=gateway.base_url, timeout=10) as http:
         yield http
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    assert response.json().keys() == {"error", "detail"}
-    assert response.json()["error"] == code
 
 
 def test_publish_claim_and_empty(client: httpx.Client, sign: Sign) -> None:

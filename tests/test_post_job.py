@@ -18,31 +18,15 @@ from pytest_django import Settings
 from jobs import groups
 from jobs.models import Job
 from jobs.payloads import PayloadError, parse_job
-from tests.stack import STACK
+from tests.conftest import assert_error
+
+pytestmark = pytest.mark.usefixtures("empty_redis")
 
 Sign = Callable[..., dict[str, str]]
 
 MOMENT = datetime(2026, 11, 28, 17, 0, 0, 123000, tzinfo=UTC)
 
 count_jobs = sync_to_async(Job.objects.count)
-
-
-@pytest.fixture(autouse=True)
-def _empty_redis(request: pytest.FixtureRequest) -> None:
-    # On the services stack the queue lives in Redis, which outlives each test.
-    if STACK == "services":
-        request.getfixturevalue("clean_redis")
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> str:
-    """Check an error answer's shape; return its ``detail``."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"error", "detail"}
-    assert body["error"] == code
-    assert isinstance(body["detail"], str)
-    return body["detail"]
 
 
 # --- Publishing ---------------------------------------------------------------

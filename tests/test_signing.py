@@ -12,7 +12,10 @@ from pytest_django import Settings
 
 from gateway_client import signing
 from jobs.models import Job
-from tests.stack import API_KEY, HMAC_SECRET, STACK
+from tests.conftest import assert_error
+from tests.stack import API_KEY, HMAC_SECRET
+
+pytestmark = pytest.mark.usefixtures("empty_redis")
 
 Sign = Callable[..., dict[str, str]]
 
@@ -186,23 +189,9 @@ def test_no_configured_keys_admit_nobody() -> None:
 # --- Through the API ----------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _empty_redis(request: pytest.FixtureRequest) -> None:
-    # On the services stack the queue lives in Redis, which outlives each test;
-    # the 204s below need it empty.
-    if STACK == "services":
-        request.getfixturevalue("clean_redis")
-
-
 def assert_401(response: httpx.Response, code: str) -> None:
     """A 401 in the contract's shape that gives no secret away."""
-    assert response.status_code == 401, response.text
-    assert response.headers["content-type"] == "application/json"
-    body = response.json()
-    assert set(body) == {"error", "detail"}
-    assert body["error"] == code
-    assert isinstance(body["detail"], str)
-    assert body["detail"]
+    assert_error(response, 401, code)
     for secret in (API_KEY, HMAC_SECRET, signing.sign(HMAC_SECRET, str(NOW))):
         assert secret not in response.text
 

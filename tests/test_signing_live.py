@@ -26,17 +26,11 @@ from discord_poller.publisher import PendingJob, Publisher
 from gateway_client import AuthError, GatewayClient, signing
 from tests.conftest import process_env
 from tests.servers import DaphneProcess
-from tests.stack import API_KEY, HMAC_SECRET, STACK
+from tests.stack import API_KEY, HMAC_SECRET
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]
 
 SECOND_KEY, SECOND_SECRET = "second-api-key", "second-hmac-secret"
-
-
-@pytest.fixture(autouse=True)
-def _empty_redis(request: pytest.FixtureRequest) -> None:
-    if STACK == "services":
-        request.getfixturevalue("clean_redis")
 
 
 @pytest.fixture

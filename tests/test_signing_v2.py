@@ -30,7 +30,9 @@ from jobs.auth import remember_nonce
 from jobs.models import Job
 from jobs.responses import ApiError
 from tests.servers import REPO_ROOT
-from tests.stack import API_KEY, HMAC_SECRET, STACK
+from tests.stack import API_KEY, HMAC_SECRET
+
+pytestmark = pytest.mark.usefixtures("empty_redis")
 
 NOW = 1_700_000_000
 NONCE = "000102030405060708090a0b0c0d0e0f"
@@ -302,13 +304,6 @@ def test_cli_runs_as_a_module_and_reads_the_body_from_stdin() -> None:
 
 
 # --- Through the API ----------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _empty_redis(request: pytest.FixtureRequest) -> None:
-    # On the services stack the queue and the nonces live in Redis.
-    if STACK == "services":
-        request.getfixturevalue("clean_redis")
 
 
 def assert_401(response: httpx.Response, code: str) -> None:

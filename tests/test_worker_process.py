@@ -28,16 +28,9 @@ from jobs.models import Job
 from jobs.queues import get_queue
 from tests.conftest import LiveGateway
 from tests.servers import REPO_ROOT
-from tests.stack import API_KEY, HMAC_SECRET, STACK
+from tests.stack import API_KEY, HMAC_SECRET
 
-pytestmark = pytest.mark.processes
-
-
-@pytest.fixture(autouse=True)
-def _empty_redis(request: pytest.FixtureRequest) -> None:
-    # On the services stack the queue lives in Redis, which outlives each test.
-    if STACK == "services":
-        request.getfixturevalue("clean_redis")
+pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]
 
 
 class WorkerProcess:
