@@ -143,6 +143,7 @@ class Side:
     baseline: bool
     make: Callable[[Side], Server]
     compare_to: str | None = None
+    batch: bool = False  # the gateway's clients ask for batched frames
     redis: RedisServer | None = None
     running: Server | None = None
     idle_rss_kib: int | None = None
@@ -293,7 +294,9 @@ async def _phase(
     # The previous phase's server may still be busy with its backlog.
     await settle(every_server, timeout=SETTLE_TIMEOUT)
     step("settle")
-    pool = ClientPool(LOOPBACK, side.port, wait_for_hello=side.gateway)
+    pool = ClientPool(
+        LOOPBACK, side.port, wait_for_hello=side.gateway, batch=side.batch
+    )
     connect_seconds = await pool.connect(clients, timeout=CONNECT_TIMEOUT)
     await settle(_pids(side), timeout=SETTLE_TIMEOUT)
     step("connect")
@@ -825,6 +828,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--no-baseline", action="store_true", help="run the gateway alone"
     )
     parser.add_argument(
+        "--batch",
+        action="store_true",
+        help="the gateway's clients ask for batched frames (/ws?batch=1)",
+    )
+    parser.add_argument(
         "--access-log",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -870,6 +878,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         sides = build_sides(args, stack)
         for side in sides:
+            side.batch = side.gateway and args.batch
             server = side.make(side)
             stack.callback(server.close)
             server.start()

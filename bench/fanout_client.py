@@ -183,9 +183,11 @@ class WsClient(asyncio.Protocol):
             return  # a pong, or a continuation of nothing
         if not fin or self._partial is None:
             return
-        self.frames.append((now, bytes(self._partial)))
+        text = bytes(self._partial)
+        self.frames.append((now, text))
         self._partial = None
-        self.pool.received += 1
+        # Counted in jobs: a batched frame holds several.
+        self.pool.received += max(1, text.count(b'"job_id"')) if self.pool.batch else 1
         if not self.ready.done():
             self.ready.set_result(None)  # the hello
         elif self.pool.target and self.pool.received >= self.pool.target:
@@ -237,10 +239,13 @@ class WsClient(asyncio.Protocol):
 class ClientPool:
     """N connections to one server's ``/ws``; counts the frames they receive."""
 
-    def __init__(self, host: str, port: int, *, wait_for_hello: bool) -> None:
+    def __init__(
+        self, host: str, port: int, *, wait_for_hello: bool, batch: bool = False
+    ) -> None:
         self.host = host
         self.port = port
         self.wait_for_hello = wait_for_hello
+        self.batch = batch  # the gateway's batched frames (/ws?batch=1)
         self.clients: list[WsClient] = []
         self.failures: dict[str, int] = {}
         self.received = 0
@@ -251,7 +256,7 @@ class ClientPool:
 
     @property
     def path(self) -> str:
-        return f"/ws?api_key={API_KEY}"
+        return f"/ws?api_key={API_KEY}" + ("&batch=1" if self.batch else "")
 
     async def connect(self, count: int, *, timeout: float) -> float:
         """Open ``count`` connections within ``timeout``; return the seconds taken.
@@ -440,15 +445,16 @@ class Expected:
     accepted: set[str]
 
 
-def _job_of(payload: bytes, *, gateway: bool) -> tuple[str, float] | None:
-    """``(job_id, sent_at)`` of a job frame; None for any other frame."""
+def _jobs_of(payload: bytes, *, gateway: bool) -> list[tuple[str, float]]:
+    """``(job_id, sent_at)`` of each job of a frame; none for any other frame."""
     message: Any = json.loads(payload)
-    if gateway:
-        if message.get("type") != "job":
-            return None
-        job = message["job"]
-        return job["job_id"], float(job["fields"]["sent_at"])
-    return message["job_id"], float(message["sent_at"])
+    if not gateway:
+        return [(message["job_id"], float(message["sent_at"]))]
+    kind = message.get("type")
+    jobs = (
+        [message["job"]] if kind == "job" else message["jobs"] if kind == "jobs" else []
+    )
+    return [(job["job_id"], float(job["fields"]["sent_at"])) for job in jobs]
 
 
 def tally(
@@ -464,17 +470,13 @@ def tally(
         for arrived, payload in client.frames:
             if arrived > until:
                 break
-            job = _job_of(payload, gateway=gateway)
-            if job is None:
-                continue
-            job_id, sent_at = job
-            if job_id not in expected.accepted:
-                result.unexpected += 1
-                continue
-            if job_id in seen:
-                result.duplicated += 1
-                continue
-            seen.add(job_id)
-            result.latencies_ms.append((arrived - sent_at) * 1000.0)
+            for job_id, sent_at in _jobs_of(payload, gateway=gateway):
+                if job_id not in expected.accepted:
+                    result.unexpected += 1
+                elif job_id in seen:
+                    result.duplicated += 1
+                else:
+                    seen.add(job_id)
+                    result.latencies_ms.append((arrived - sent_at) * 1000.0)
         result.missing += len(expected.accepted - seen)
     return result

@@ -48,6 +48,7 @@ from bench.common import (
 )
 from bench.gateway import Gateway
 from tests.fakes.discord import DEFAULT_TOKEN
+from tests.fakes.discord import MODES as BUCKETS
 from tests.servers import ManagedProcess
 
 CHANNEL = "1390012345678901234"
@@ -348,7 +349,33 @@ def report(results: list[PhaseResult]) -> str:
                 target,
             ]
         )
-    return format_table(header, rows) + "\n\ntargets: " + "; ".join(verdicts)
+    return (
+        format_table(header, rows)
+        + "\n\ntargets: "
+        + "; ".join(verdicts)
+        + "\n"
+        + "\n".join(
+            polling_floor(mode) for mode in dict.fromkeys(r.mode for r in results)
+        )
+    )
+
+
+def polling_floor(mode: str) -> str:
+    """The least median wait any poller can have within the fake's bucket.
+
+    With ``limit`` requests per ``window`` seconds, the polls that return
+    messages are at most ``limit`` per window. A message posted at a random
+    moment waits for the next one; the gaps between polls add up to the window,
+    so the chance of waiting less than ``w`` is at most ``limit * w / window``.
+    Half the messages wait at least ``window / (2 * limit)``, however the polls
+    are spaced: evenly, or in bursts followed by a 429.
+    """
+    limit, window = BUCKETS[mode]
+    floor_ms = window / (2 * limit) * 1000
+    return (
+        f"{mode}: {limit} requests per {window:g} s; no poller's median wait can be "
+        f"under {floor_ms:.0f} ms (the bucket's window / (2 x its limit))"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

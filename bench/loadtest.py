@@ -52,7 +52,14 @@ from bench.loadtest_http import (
     take_leftovers,
     tally_workers,
 )
-from bench.loadtest_ws import ClientProcess, Report, job_name, split, tally_ws
+from bench.loadtest_ws import (
+    ClientProcess,
+    Clients,
+    Report,
+    job_name,
+    split,
+    tally_ws,
+)
 from tests.servers import LOOPBACK, PostgresServer, RedisServer
 
 # The target: the flood slows valid traffic by no more than 20 %.
@@ -82,6 +89,7 @@ class Load:
     duration: float
     wait: float
     client_procs: int
+    batch: bool
     flood: bool
     flood_concurrency: int
     flood_rate: float
@@ -260,7 +268,9 @@ async def run_phase(stack: Stack, load: Load, phase: str) -> PhaseResult:
     slots = {name: n for n, name in enumerate(names)}
 
     procs = [
-        ClientProcess(LOOPBACK, stack.port, count, prefix=prefix, jobs=load.jobs)
+        ClientProcess(
+            Clients(LOOPBACK, stack.port, count, prefix, load.jobs, load.batch)
+        )
         for count in split(load.clients, load.client_procs)
     ]
     flooder: FloodProcess | None = None
@@ -696,6 +706,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="processes the WebSocket clients are spread over (2)",
     )
     parser.add_argument(
+        "--batch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clients ask for batched frames (/ws?batch=1), as the Python client does",
+    )
+    parser.add_argument(
         "--flood-concurrency",
         type=int,
         default=64,
@@ -761,6 +777,7 @@ def load_of(args: argparse.Namespace, *, flood: bool) -> Load:
         duration=args.duration,
         wait=args.wait,
         client_procs=args.client_procs,
+        batch=args.batch,
         flood=flood,
         flood_concurrency=args.flood_concurrency,
         flood_rate=args.flood_rate,
@@ -777,6 +794,7 @@ def warm_up_load(args: argparse.Namespace) -> Load:
         duration=1.0,
         wait=args.wait,
         client_procs=1,
+        batch=args.batch,
         flood=False,
         flood_concurrency=1,
         flood_rate=0.0,
@@ -789,7 +807,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = machine_summary()
     print(
         f"Load test: {args.clients:,} WebSocket clients (over {args.client_procs} "
-        f"process(es)), {args.workers} pulling workers (wait={args.wait:g}), "
+        f"process(es), {'batched' if args.batch else 'one job per'} frames), "
+        f"{args.workers} pulling workers (wait={args.wait:g}), "
         f"{args.rate:g} jobs/s for {args.duration:g} s; then the same with a flood "
         f"of {args.flood_concurrency} concurrent forged requests"
         + (f" capped at {args.flood_rate:g}/s" if args.flood_rate else "")

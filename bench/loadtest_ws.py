@@ -36,6 +36,7 @@ from bench.fanout_client import (
 
 __all__ = [
     "ClientProcess",
+    "Clients",
     "Connected",
     "Receipt",
     "Report",
@@ -44,8 +45,8 @@ __all__ = [
     "tally_ws",
 ]
 
-# The first "job_id" of a job frame is the job's own: the phase's jobs carry no
-# field of that name.
+# Every "job_id" of a job frame (one, or several in a batched frame) is a job's
+# own: the phase's jobs carry no field of that name.
 _JOB_ID = re.compile(rb'"job_id"\s*:\s*"([^"]{1,64})"')
 CONNECT_TIMEOUT = 120.0
 CLOSE_TIMEOUT = 5.0
@@ -79,22 +80,23 @@ class Receipt:
         self.foreign = 0
         self.other = 0
 
-    def record(self, arrived: float, payload: bytes) -> bool:
-        """File one text frame; True if it was a job's first arrival."""
-        found = _JOB_ID.search(payload)
-        if found is None:
+    def record(self, arrived: float, payload: bytes) -> int:
+        """File one text frame; how many of its jobs arrived for the first time."""
+        found = _JOB_ID.findall(payload)
+        if not found:
             self.other += 1
-            return False
-        job_id = found.group(1)
-        slot = self._slot(job_id)
-        if slot is None:
-            self.foreign += 1
-            return False
-        if not math.isnan(self.arrivals[slot]):
-            self.duplicated += 1
-            return False
-        self.arrivals[slot] = arrived
-        return True
+            return 0
+        first = 0
+        for job_id in found:
+            slot = self._slot(job_id)
+            if slot is None:
+                self.foreign += 1
+            elif not math.isnan(self.arrivals[slot]):
+                self.duplicated += 1
+            else:
+                self.arrivals[slot] = arrived
+                first += 1
+        return first
 
     def _slot(self, job_id: bytes) -> int | None:
         if not job_id.startswith(self._prefix):
@@ -187,8 +189,10 @@ def tally_ws(
 class LoadPool(ClientPool):
     """A ClientPool whose clients file their frames in receipts."""
 
-    def __init__(self, host: str, port: int, *, prefix: str, jobs: int) -> None:
-        super().__init__(host, port, wait_for_hello=True)
+    def __init__(
+        self, host: str, port: int, *, prefix: str, jobs: int, batch: bool
+    ) -> None:
+        super().__init__(host, port, wait_for_hello=True, batch=batch)
         self.prefix = prefix
         self.jobs = jobs
         self.first_arrivals = 0
@@ -221,8 +225,8 @@ class LoadClient(WsClient):
         if not self.ready.done():
             self.ready.set_result(None)  # the hello: the client is subscribed
             self.receipt.other += 1
-        elif self.receipt.record(now, text):
-            self.load_pool.first_arrivals += 1
+        else:
+            self.load_pool.first_arrivals += self.receipt.record(now, text)
 
 
 # --- Messages between the load test and a client process ---------------------------
@@ -246,22 +250,36 @@ class Report:
     cpu_seconds: float
 
 
-def _serve(
-    conn: Connection, host: str, port: int, count: int, prefix: str, jobs: int
-) -> None:
+@dataclass(frozen=True)
+class Clients:
+    """What a client process connects: ``count`` clients of one phase."""
+
+    host: str
+    port: int
+    count: int
+    prefix: str
+    jobs: int
+    batch: bool
+
+
+def _serve(conn: Connection, clients: Clients) -> None:
     """A client process: connect, report progress on request, report, close."""
-    _raise_file_limit(count)
-    run_async(_clients(conn, host, port, count, prefix, jobs))
+    _raise_file_limit(clients.count)
+    run_async(_clients(conn, clients))
 
 
-async def _clients(
-    conn: Connection, host: str, port: int, count: int, prefix: str, jobs: int
-) -> None:
+async def _clients(conn: Connection, clients: Clients) -> None:
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[Any] = asyncio.Queue()
     loop.add_reader(conn.fileno(), lambda: commands.put_nowait(conn.recv()))
-    pool = LoadPool(host, port, prefix=prefix, jobs=jobs)
-    seconds = await pool.connect(count, timeout=CONNECT_TIMEOUT)
+    pool = LoadPool(
+        clients.host,
+        clients.port,
+        prefix=clients.prefix,
+        jobs=clients.jobs,
+        batch=clients.batch,
+    )
+    seconds = await pool.connect(clients.count, timeout=CONNECT_TIMEOUT)
     conn.send(Connected(len(pool.clients), dict(pool.failures), seconds))
     while True:
         command = await commands.get()
@@ -300,14 +318,12 @@ def _raise_file_limit(count: int) -> None:
 class ClientProcess:
     """``count`` WebSocket clients of one phase, in a process of their own."""
 
-    def __init__(
-        self, host: str, port: int, count: int, *, prefix: str, jobs: int
-    ) -> None:
+    def __init__(self, clients: Clients) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self.process = context.Process(
             target=_serve,
-            args=(child, host, port, count, prefix, jobs),
+            args=(child, clients),
             name="loadtest-clients",
             daemon=True,
         )

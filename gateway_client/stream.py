@@ -2,6 +2,8 @@
 
 A dropped connection is reopened with ``since=`` the last job id seen, so the
 gateway replays exactly what was missed. Jobs come out in id order, each once.
+The stream asks for batched frames (``batch=1``): when several jobs are ready at
+once the gateway sends them in one frame, and they come out one by one here.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ async def stream_jobs(
     # A job that committed after a newer one arrives late and is still
     # yielded: losing it would be worse than yielding it out of order.
     seen: dict[int, None] = {}
+    floor = -1 if since is None else since  # asked to start after this id
     resume = since
     while True:
         retry_after: float | None = None
@@ -83,19 +86,16 @@ async def stream_jobs(
                             # at the first connect.
                             newest = frame.get("last_id")
                             resume = newest if _is_id(newest) else 0
-                    elif kind == "job":
-                        job = frame.get("job")
-                        job_id = job.get("id") if isinstance(job, dict) else None
-                        if not isinstance(job, dict) or not _is_id(job_id):
-                            logger.warning("ignoring a job frame without an id")
-                            continue
-                        if job_id in seen or (since is not None and job_id <= since):
-                            continue
-                        seen[job_id] = None
-                        if len(seen) > SEEN_LIMIT:
-                            del seen[next(iter(seen))]
-                        resume = job_id if resume is None else max(resume, job_id)
-                        yield job
+                    elif kind in ("job", "jobs"):
+                        for job in _jobs(frame):
+                            job_id = job["id"]
+                            if job_id in seen or job_id <= floor:
+                                continue
+                            seen[job_id] = None
+                            if len(seen) > SEEN_LIMIT:
+                                del seen[next(iter(seen))]
+                            resume = job_id if resume is None else max(resume, job_id)
+                            yield job
                     elif kind == "error":
                         logger.warning(
                             "the gateway sent an error frame: %s: %s",
@@ -175,10 +175,23 @@ def _url(ws_url: str, job_filter: JobFilter, since: int | None) -> str:
     query = job_filter.params()
     if since is not None:
         query.append(("since", str(since)))
+    query.append(("batch", "1"))
     # Every value percent-encoded (">=" as %3E%3D, "+" as %2B, a space as
     # "+"), so the URL is ASCII and websockets sends it unchanged: a signed
     # handshake signs exactly this target.
-    return f"{ws_url}?{urlencode(query, safe=',')}" if query else ws_url
+    return f"{ws_url}?{urlencode(query, safe=',')}"
+
+
+def _jobs(frame: dict[str, Any]) -> list[dict[str, Any]]:
+    """The jobs of a ``job`` or ``jobs`` frame, each with an id; the rest dropped."""
+    found = [frame.get("job")] if frame["type"] == "job" else frame.get("jobs")
+    if not isinstance(found, list):
+        logger.warning("ignoring a jobs frame without a list of jobs")
+        return []
+    jobs = [job for job in found if isinstance(job, dict) and _is_id(job.get("id"))]
+    if len(jobs) < len(found):
+        logger.warning("ignoring a job without an id")
+    return jobs
 
 
 def _decode(raw: str | bytes) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The ``/ws`` consumer (contract section 3): push every job, replay on reconnect.
 
 ``where=``, ``channels=`` and ``tier=`` in the handshake (docs/filters.md) narrow
-both the live stream and the replay to the jobs the filter matches.
+both the live stream and the replay to the jobs the filter matches; ``batch=1``
+lets several jobs share a frame (docs/realtime.md#batched-frames).
 """
 
 from __future__ import annotations
@@ -51,11 +52,6 @@ class HelloFrame(TypedDict):
     last_id: int | None
 
 
-class JobFrame(TypedDict):
-    type: Literal["job"]
-    job: dict[str, Any]
-
-
 class PongFrame(TypedDict):
     type: Literal["pong"]
     server_time: float
@@ -67,7 +63,8 @@ class ErrorFrame(TypedDict):
     detail: str
 
 
-Frame = HelloFrame | JobFrame | PongFrame | ErrorFrame
+# Job frames are shaped in one place, jobs.fanout.job_frame and batch_frame.
+Frame = HelloFrame | PongFrame | ErrorFrame
 
 
 class HandshakeError(ValueError):
@@ -77,11 +74,17 @@ class HandshakeError(ValueError):
 class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     """One connected client: authorised before accept, then jobs as they come."""
 
+    # Jobs reach the consumer from its process's hub, never through a channel
+    # of its own: without a layer, Channels opens none (on redis-pubsub, one
+    # Redis subscription per connection, refused handshakes included).
+    channel_layer_alias = None
+
     job_filter: JobFilter  # empty: every job
+    batched: bool  # several jobs may share a frame
     counted: bool
     attached: bool
-    # Live frames wait here until the replay is sent; then they flow directly.
-    pending: list[tuple[dict[str, Any], str]] | None
+    # Live jobs wait here until the replay is sent; then they flow directly.
+    pending: list[fanout.Batch] | None
     # Ids sent by the replay, so that their live frames are not sent twice. Ids
     # are not a commit order (PostgreSQL hands them out before commit), so a
     # live job older than the newest replayed one may still be new: hence a set
@@ -91,6 +94,7 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
 
     async def connect(self) -> None:
         self.job_filter = JobFilter()
+        self.batched = False
         self.counted = False
         self.attached = False
         self.pending = []
@@ -102,6 +106,7 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             query = _query(self.scope)
             await self._authorise(query)
             since = _since(query)
+            batched = _batched(query)
             job_filter = _filter(self.scope)
         except (HandshakeError, ApiError) as exc:
             logger.info("WebSocket handshake refused: %s", exc)
@@ -110,6 +115,7 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             logs.websocket_access(self.scope, 403, started)
             return
         self.job_filter = job_filter
+        self.batched = batched
         # Subscribe first, then read the store: a job published meanwhile is
         # then in the replay, in the live stream, or both, never in neither.
         # The hub sends this client only the jobs its filter matches.
@@ -160,30 +166,49 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             "unknown_type", 'The only message clients send is {"type": "ping"}.'
         )
 
-    async def deliver(self, job: dict[str, Any], frame: str) -> None:
-        """A job this client's filter matches, from the fan-out hub (jobs.fanout)."""
+    async def deliver(self, batch: fanout.Batch) -> None:
+        """Jobs this client's filter matches, from the fan-out hub (jobs.fanout)."""
         if self.pending is not None:
-            self.pending.append((job, frame))
+            self.pending.append(batch)
             return
-        await self._send_live(job, frame)
+        await self._send_live(batch)
 
     async def _go_live(self) -> None:
-        # No await between the last pending frame and going live, so no frame
+        # No await between the last pending batch and going live, so no job
         # can slip in behind the list or overtake it.
         while self.pending:
-            job, frame = self.pending.pop(0)
-            await self._send_live(job, frame)
+            await self._send_live(self.pending.pop(0))
         self.pending = None
 
-    async def _send_live(self, job: dict[str, Any], frame: str) -> None:
-        job_id = job["id"]
+    async def _send_live(self, batch: fanout.Batch) -> None:
+        jobs = [job for job in batch.jobs if self._is_new(job["id"])]
+        if len(jobs) == len(batch.jobs):
+            frames = [batch.frame()] if self.batched else batch.frames()
+        elif not jobs:
+            return
+        else:
+            frames = self._frames(jobs)
+        for frame in frames:
+            await self.send(text_data=frame)
+        for job in jobs:
+            deliveries.sent(job)  # the dashboard's and the metric's; never waits
+
+    def _is_new(self, job_id: int) -> bool:
+        """Whether a live job was not replayed to this client already."""
         if job_id <= self.replay_floor:
-            return  # replayed, or too old to be in flight
+            return False  # replayed, or too old to be in flight
         if job_id in self.replayed:
             self.replayed.discard(job_id)  # each job arrives live at most once
-            return
-        await self.send(text_data=frame)
-        deliveries.sent(job)  # the dashboard's and the metric's; never waits
+            return False
+        return True
+
+    def _frames(self, jobs: list[dict[str, Any]]) -> list[str]:
+        if not self.batched:
+            return [fanout.job_frame(job) for job in jobs]
+        return [
+            fanout.batch_frame(jobs[start : start + fanout.MAX_BATCH])
+            for start in range(0, len(jobs), fanout.MAX_BATCH)
+        ]
 
     async def _replay(self, since: int) -> None:
         # The client has seen since: a live frame for it (or older) that was
@@ -195,8 +220,9 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         while True:
             batch = await _replay_batch(cursor, job_filter.channels)
             wanted = [job for job in batch if _wants(job_filter, job)]
+            for frame in self._frames(wanted):
+                await self.send(text_data=frame)
             for job in wanted:
-                await self._send({"type": "job", "job": job})
                 deliveries.sent(job, replayed=True)
             self._remember([job["id"] for job in wanted])
             if len(batch) < REPLAY_BATCH:
@@ -293,6 +319,13 @@ def _since(query: dict[str, str]) -> int | None:
     if not _SINCE_RE.fullmatch(raw):
         raise HandshakeError("since must be a job id")
     return int(raw)
+
+
+def _batched(query: dict[str, str]) -> bool:
+    raw = query.get("batch", "0")
+    if raw not in ("0", "1"):
+        raise HandshakeError("batch must be 0 or 1")
+    return raw == "1"
 
 
 def _filter(scope: dict[str, Any]) -> JobFilter:

@@ -131,11 +131,22 @@ def test_frames_that_are_not_jobs_are_set_aside() -> None:
     assert (receipt.other, receipt.foreign) == (1, 1)
 
 
+def test_every_job_of_a_batched_frame_is_filed() -> None:
+    receipt = Receipt(PREFIX, JOBS)
+    jobs = [json.loads(frame(number))["job"] for number in (0, 1, 2)]
+    batched = json.dumps({"type": "jobs", "jobs": jobs}).encode()
+    assert receipt.record(1.0, batched) == 3
+    assert receipt.record(2.0, frame(1)) == 0  # already in the batch
+    assert receipt.duplicated == 1
+    assert [receipt.arrivals[n] for n in range(3)] == [1.0, 1.0, 1.0]
+    assert math.isnan(receipt.arrivals[3])
+
+
 def test_a_fragmented_frame_is_reassembled_by_the_client() -> None:
     """The client's own frame parsing: hello, then a job in two fragments."""
 
     async def feed() -> LoadClient:
-        pool = LoadPool("127.0.0.1", 1, prefix=PREFIX, jobs=JOBS)
+        pool = LoadPool("127.0.0.1", 1, prefix=PREFIX, jobs=JOBS, batch=False)
         client = LoadClient("127.0.0.1:1", "/ws", pool, wait_for_hello=True)
         client._upgraded = True
         hello = b'{"type":"hello","server_time":1.0,"last_id":null}'
@@ -194,7 +205,10 @@ def test_quick_is_a_small_run() -> None:
         parse_args(["--wait", "31"])
 
 
-def test_a_short_phase_through_daphne_counts_every_frame_and_pull() -> None:
+@pytest.mark.parametrize("batch", [True, False], ids=["batched", "one-per-frame"])
+def test_a_short_phase_through_daphne_counts_every_frame_and_pull(
+    batch: bool,
+) -> None:
     """Real clients, workers and publisher against a real daphne: all accounted."""
     from bench.gateway import Gateway
 
@@ -209,6 +223,7 @@ def test_a_short_phase_through_daphne_counts_every_frame_and_pull() -> None:
             duration=1.0,
             wait=2.0,
             client_procs=1,
+            batch=batch,
             flood=False,
             flood_concurrency=1,
             flood_rate=0.0,

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from channels.layers import get_channel_layer
@@ -30,10 +30,10 @@ class StuckClient:
         self.all_arrived = asyncio.Event()
         self.ids: list[int] = []
 
-    async def deliver(self, job: dict[str, Any], frame: str) -> None:
+    async def deliver(self, batch: fanout.Batch) -> None:
         self.holding.set()
         await self.release.wait()
-        self.ids.append(job["id"])
+        self.ids.extend(job["id"] for job in batch.jobs)
         if len(self.ids) == BURST:
             self.all_arrived.set()
 
@@ -52,5 +52,46 @@ async def test_a_hub_behind_on_a_burst_loses_none_of_it() -> None:
         await asyncio.wait_for(client.all_arrived.wait(), 30)
         assert client.ids == list(range(1, BURST + 1))
     finally:
+        assert hub._task is not None
+        hub._task.cancel()
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.arrived = asyncio.Event()
+
+    async def deliver(self, batch: fanout.Batch) -> None:
+        self.ids.extend(job["id"] for job in batch.jobs)
+        self.arrived.set()
+
+
+class Noted(logging.Handler):
+    """Sets ``seen`` once a record containing ``text`` is logged."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.seen = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
+
+
+async def test_a_job_the_hub_cannot_dispatch_does_not_stop_the_next() -> None:
+    hub = fanout.Hub()
+    client = Recorder()
+    noted = Noted("could not dispatch")
+    fanout.logger.addHandler(noted)
+    await hub.attach(client)
+    try:
+        await services.broadcast({"channel": "api"})  # no id: cannot be framed
+        await asyncio.wait_for(noted.seen.wait(), 10)
+        await services.broadcast({"id": 7, "channel": "api"})
+        await asyncio.wait_for(client.arrived.wait(), 10)
+        assert client.ids == [7]
+    finally:
+        fanout.logger.removeHandler(noted)
         assert hub._task is not None
         hub._task.cancel()

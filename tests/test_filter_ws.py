@@ -151,8 +151,8 @@ class Recorder:
     def __init__(self) -> None:
         self.frames: list[str] = []
 
-    async def deliver(self, job: dict[str, Any], frame: str) -> None:
-        self.frames.append(frame)
+    async def deliver(self, batch: fanout.Batch) -> None:
+        self.frames.append(batch.frame())
 
 
 async def test_the_hub_matches_once_per_distinct_filter(
@@ -181,7 +181,7 @@ async def test_the_hub_matches_once_per_distinct_filter(
 
     monkeypatch.setattr(JobFilter, "matches", counted)
     job = {"id": 1, "channel": "api", "numbers": {"money": 3_000_000}}
-    await hub.dispatch(job)
+    await hub.dispatch([job])
     assert calls == 5  # not 1,000: once per distinct filter (the empty one free)
     for query in queries[:3]:
         assert all(len(client.frames) == 1 for client in clients[query])

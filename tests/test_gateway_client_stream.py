@@ -143,7 +143,7 @@ async def test_a_dropped_stream_resumes_after_the_last_id() -> None:
         received = await take(client, 5)
     assert ids(received) == [1, 2, 3, 4, 5]
     # A drop and a clean close are both resumed after the newest job seen.
-    assert fake.targets == ["/ws", "/ws?since=3", "/ws?since=4"]
+    assert fake.targets == ["/ws?batch=1", "/ws?since=3&batch=1", "/ws?since=4&batch=1"]
 
 
 async def test_the_key_goes_in_signed_headers_not_the_url() -> None:
@@ -171,14 +171,14 @@ async def test_from_now_resumes_after_the_newest_job_at_connect() -> None:
     )
     async with fake.running() as client:
         assert ids(await take(client, 1)) == [42]
-    assert fake.targets == ["/ws", "/ws?since=41"]
+    assert fake.targets == ["/ws?batch=1", "/ws?since=41&batch=1"]
 
 
 async def test_channels_and_since_are_sent() -> None:
     fake = ScriptedGateway([frames(hello(9), job(8))])
     async with fake.running() as client:
         assert ids(await take(client, 1, channels="A,B", since=7)) == [8]
-    assert fake.targets == ["/ws?channels=A,B&since=7"]
+    assert fake.targets == ["/ws?channels=A,B&since=7&batch=1"]
 
 
 async def test_the_filter_is_sent_on_every_handshake_and_signed() -> None:
@@ -199,6 +199,7 @@ async def test_the_filter_is_sent_on_every_handshake_and_signed() -> None:
             "channels": ["A,B"],
             "tier": ["10m+"],
             "since": [since],
+            "batch": ["1"],
         }
     for request in fake.requests:
         assert " " not in request.path and ">" not in request.path
@@ -220,12 +221,30 @@ async def test_nothing_is_yielded_twice_and_late_jobs_are_not_lost() -> None:
     assert ids(received) == [1, 3, 2, 4]
 
 
+def jobs(*job_ids: int) -> str:
+    batch = [{"id": job_id, "job_id": f"j{job_id}"} for job_id in job_ids]
+    return json.dumps({"type": "jobs", "jobs": batch})
+
+
+async def test_batched_frames_come_out_one_job_at_a_time() -> None:
+    # A batch may overlap what was already seen, like a replay after a drop.
+    fake = ScriptedGateway(
+        [frames(hello(), jobs(1, 2, 3), then="drop"), frames(hello(3), jobs(2, 4, 5))]
+    )
+    async with fake.running() as client:
+        received = await take(client, 5)
+    assert ids(received) == [1, 2, 3, 4, 5]
+    assert fake.targets[1] == "/ws?since=3&batch=1"
+
+
 async def test_other_frames_are_not_jobs() -> None:
     noise = [
         json.dumps({"type": "pong", "server_time": 1.0}),
         json.dumps({"type": "error", "error": "unknown_type", "detail": "x"}),
         "not json",
         json.dumps({"type": "job", "job": {"job_id": "no id"}}),
+        json.dumps({"type": "jobs", "jobs": [{"job_id": "no id"}, "x", None]}),
+        json.dumps({"type": "jobs", "jobs": {"id": 4}}),
     ]
     fake = ScriptedGateway([frames(hello(), *noise, job(5))])
     async with fake.running() as client:

@@ -168,7 +168,7 @@ async def test_clients_and_poller_sign_v2_with_the_first_of_a_list(
     assert publisher.stats.published == 1, publisher.stats.last_error
 
     output = v2_gateway.output()
-    assert f"WS /ws?since={since}&ticket=[redacted] 101" in output
+    assert f"WS /ws?since={since}&batch=1&ticket=[redacted] 101" in output
     assert "POST /ws/ticket 200" in output
 
 

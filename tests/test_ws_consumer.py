@@ -7,6 +7,7 @@ database from worker threads, hence ``transactional_db``.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,7 +24,7 @@ from django.utils import timezone
 
 from gateway_client import signing
 from gateway_project.asgi import application
-from jobs import consumers, filters, presence, services
+from jobs import consumers, fanout, filters, presence, services
 from jobs.models import Job
 from jobs.payloads import JobDraft
 from tests.stack import API_KEY, HMAC_SECRET
@@ -234,6 +235,9 @@ async def test_handshake_refused(
         "?channels=bad!",
         "?channels=" + ",".join(str(n) for n in range(filters.MAX_CHANNELS + 1)),
         "?since",
+        "?batch=2",
+        "?batch=true",
+        "?batch=",
     ],
 )
 async def test_malformed_parameters_are_refused(query: str) -> None:
@@ -391,6 +395,99 @@ async def test_a_long_replay_is_read_in_batches_and_its_memory_stays_bounded(
         assert await communicator.receive_nothing()
         live = await publish()
         assert await job_ids(communicator, 1) == [live["id"]]
+
+
+# --- Batched frames ----------------------------------------------------------------
+
+
+async def turns_until(condition: Callable[[], bool], turns: int = 1000) -> None:
+    """Let the event loop run until ``condition`` holds (no clock involved)."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)  # one turn of the loop, not a wait for time
+    raise AssertionError(f"still false after {turns} turns of the event loop")
+
+
+class Holder:
+    """A hub client that holds the hub on its first delivery until released."""
+
+    def __init__(self) -> None:
+        self.holding = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def deliver(self, batch: fanout.Batch) -> None:
+        self.holding.set()
+        await self.release.wait()
+
+
+async def test_jobs_ready_at_once_share_a_frame_for_clients_that_ask() -> None:
+    hub = fanout.hub()
+    async with ws("?batch=1") as batched, ws() as plain:
+        holder = Holder()
+        await hub.attach(holder)
+        first = await publish()
+        await asyncio.wait_for(holder.holding.wait(), 5)
+        # The hub is busy: the next jobs wait for it, together.
+        burst = [await publish() for _ in range(3)]
+        await turns_until(lambda: hub.backlog == 3)
+        hub.detach(holder)
+        holder.release.set()
+        assert await batched.receive_json_from() == {"type": "job", "job": first}
+        assert await batched.receive_json_from() == {"type": "jobs", "jobs": burst}
+        assert await batched.receive_nothing()
+        assert await job_ids(plain, 4) == [first["id"]] + [j["id"] for j in burst]
+        assert await plain.receive_nothing()
+
+
+async def test_a_batched_replay_sends_many_jobs_per_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fanout, "MAX_BATCH", 2)
+    jobs = [await publish() for _ in range(3)]
+    async with ws("?since=0&batch=1") as communicator:
+        assert await communicator.receive_json_from() == {
+            "type": "jobs",
+            "jobs": jobs[:2],
+        }
+        assert await communicator.receive_json_from() == {"type": "job", "job": jobs[2]}
+        assert await communicator.receive_nothing()
+
+
+async def test_a_batch_holding_a_replayed_job_is_sent_without_it() -> None:
+    replayed = await publish()
+    async with ws("?since=0&batch=1") as communicator:
+        assert await communicator.receive_json_from() == {
+            "type": "job",
+            "job": replayed,
+        }
+        new = {**replayed, "id": replayed["id"] + 1, "job_id": uuid.uuid4().hex}
+        # A late live copy of the replayed job, ready with a new one.
+        await fanout.hub().dispatch([replayed, new])
+        assert await communicator.receive_json_from() == {"type": "job", "job": new}
+        assert await communicator.receive_nothing()
+
+
+async def test_a_client_opens_no_channel_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer = get_channel_layer()
+    opened: list[str] = []
+    real = layer.new_channel
+
+    async def counted(*args: Any, **kwargs: Any) -> str:
+        name: str = await real(*args, **kwargs)
+        opened.append(name)
+        return name
+
+    async with ws() as first:  # the hub has its one channel from here on
+        monkeypatch.setattr(layer, "new_channel", counted)
+        async with ws() as second:
+            job = await publish()
+            assert await job_ids(second, 1) == [job["id"]]
+        assert not await handshake(headers=[])  # refused: nothing opened either
+        assert await job_ids(first, 1) == [job["id"]]
+    assert opened == []
 
 
 # --- Counts ----------------------------------------------------------------------
