@@ -102,7 +102,23 @@ def _optional_text(data: dict[str, Any], name: str, max_length: int) -> str | No
         return None
     if not isinstance(value, str) or len(value) > max_length:
         raise _bad(name, f"must be a string of at most {max_length} characters")
-    return value
+    return _storable(name, value)
+
+
+def _storable(name: str, text: str) -> str:
+    """``text``, if every database can store it.
+
+    JSON may carry a NUL (``\\u0000``) or half of a surrogate pair; neither
+    is text PostgreSQL (or UTF-8) can hold, so the job is refused here rather
+    than by the database.
+    """
+    if "\x00" in text:
+        raise _bad(name, "must not contain NUL characters")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise _bad(name, "must be valid Unicode (no unpaired surrogates)") from None
+    return text
 
 
 def _whole(value: Any) -> int | None:
@@ -151,4 +167,6 @@ def _fields(value: Any) -> dict[str, str]:
     for name, text in value.items():
         if not isinstance(text, str):
             raise _bad("fields", f"entry {name!r} must be a string")
+        _storable("fields", name)
+        _storable("fields", text)
     return dict(value)

@@ -32,10 +32,16 @@ def signed_endpoint(*methods: str) -> Callable[[View], View]:
     def decorate(view: View) -> View:
         @wraps(view)
         async def wrapper(request: HttpRequest) -> HttpResponse:
-            await authenticate(request)
-            await check_rate_limit(request, request_ip(request))
-            require_method(request, *methods)
-            return await view(request)
+            try:
+                await authenticate(request)
+                await check_rate_limit(request, request_ip(request))
+                require_method(request, *methods)
+                return await view(request)
+            except ApiError as exc:
+                # Answered here: an exception leaving the view makes Django
+                # run the middleware's process_exception in its sync thread,
+                # a thread hop for every refused request.
+                return exc.response()
 
         return wrapper
 
@@ -175,4 +181,4 @@ async def healthz(request: HttpRequest) -> HttpResponse:
 
 async def not_found(request: HttpRequest, unknown: str = "") -> HttpResponse:
     """Any path the API does not know: 404, without a signature check."""
-    raise ApiError(404, "not_found", f"No such endpoint: {request.path}")
+    return ApiError(404, "not_found", f"No such endpoint: {request.path}").response()

@@ -142,3 +142,36 @@ async def test_redis_down_is_503_and_stores_nothing(
 async def test_disallowed_host_is_400_json(api: httpx.AsyncClient, path: str) -> None:
     response = await api.get(path, headers={"Host": "evil.example"})
     assert_error(response, 400, "bad_host")
+
+
+async def test_refusals_are_answered_in_the_view_and_logged_once(
+    api: httpx.AsyncClient,
+    sign: Sign,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A refused request costs no thread hop and no extra log line.
+
+    An error leaving a view makes Django call the middleware's
+    process_exception in its one sync thread, and log every 4xx from a worker
+    thread: a flood of forged requests would pay both (docs/security.md).
+    """
+    from jobs.middleware import ApiMiddleware
+
+    handled_as_exceptions: list[Exception] = []
+    real = ApiMiddleware.process_exception
+
+    def recorded(self: ApiMiddleware, request: Any, exception: Exception) -> Any:
+        handled_as_exceptions.append(exception)
+        return real(self, request, exception)
+
+    monkeypatch.setattr(ApiMiddleware, "process_exception", recorded)
+    forged = {**sign(), "X-SIGNATURE": "0" * 64}
+    assert_error(await api.get("/job/next", headers=forged), 401, "bad_signature")
+    assert_error(await api.post("/job", headers=forged, json={}), 401, "bad_signature")
+    assert_error(await api.get("/nope"), 404, "not_found")
+    assert_error(
+        await api.delete("/job/next", headers=sign()), 405, "method_not_allowed"
+    )
+    assert handled_as_exceptions == []
+    assert not [r for r in caplog.records if r.name == "django.request"]
