@@ -30,7 +30,7 @@ from django.db.models import Case, DateTimeField, F, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from jobs import metrics, redis_clients
+from jobs import metrics, redis_clients, wakeups
 from jobs.db import in_db_thread
 from jobs.filters import JobFilter
 from jobs.models import Job
@@ -398,7 +398,8 @@ class RedisQueue:
             return
         self._restored_at = now
         try:
-            await restore_unfinished_claims(client)
+            if await restore_unfinished_claims(client):
+                await wakeups.announce()  # every waiter looks at what came back
         except Exception as exc:
             logger.warning("could not look for unfinished claims: %s", exc)
 

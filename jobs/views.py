@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Coroutine
 from functools import wraps
@@ -20,6 +21,8 @@ from jobs.payloads import PayloadError, parse_job
 from jobs.queues import Queue, get_queue
 from jobs.ratelimits import check_rate_limit
 from jobs.responses import ApiError, json_response, require_method
+
+logger = logging.getLogger(__name__)
 
 MAX_WAIT_SECONDS = 30
 
@@ -95,17 +98,26 @@ async def next_job(request: HttpRequest) -> HttpResponse:
     claimer = request_ip(request)
     deadline = time.monotonic() + wait
     signal = wakeups.signal()
-    while True:
-        generation = signal.generation()
-        job = await _claim_or_release(queue, claimer, job_filter)
-        if job is not None:
-            deliveries.claimed(job)
-            return json_response({"job": job})
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not await wakeups.wait(generation, remaining, job_filter):
-            return _empty()
-        # Several waiters woke for one job; the losers wait again.
-        await asyncio.sleep(0)
+    woken = False
+    try:
+        while True:
+            generation = signal.generation()
+            job = await _claim_or_release(queue, claimer, job_filter)
+            if job is not None:
+                deliveries.claimed(job)
+                return json_response({"job": job})
+            woken = False  # the queue was empty: this wake-up ends here
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return _empty()
+            woken = await signal.wait(generation, remaining, job_filter)
+            if not woken:
+                return _empty()
+    finally:
+        if woken:
+            # It claimed a job, or left before finding out: the next waiter
+            # looks, in case the queue holds more (jobs.wakeups).
+            signal.wake_one()
 
 
 def _filter(request: HttpRequest) -> JobFilter:
@@ -134,7 +146,18 @@ async def _claim_or_release(
         job = await claim
         if job is not None:
             await queue.release(job)
+            await _announce_released(job)
         raise
+
+
+async def _announce_released(job: dict[str, Any]) -> None:
+    # Back in the queue: a waiter that may want it should look.
+    try:
+        await wakeups.announce(job)
+    except Exception as exc:
+        logger.warning(
+            "could not wake long-polls for released job %s: %s", job["id"], exc
+        )
 
 
 def _empty() -> HttpResponse:

@@ -4,6 +4,14 @@ A publish fires this process's signal at once; with Redis it also publishes on
 a Redis channel that one listener task per process turns into the same local
 signal, so a ``GET /job/next?wait=`` held by another replica wakes too.
 
+A job wakes one unfiltered waiter, the one that has waited longest: one
+claim per job, not one per waiter (with 50 workers waiting, the other 49
+would each look at the queue and find it empty). A waiter woken for nothing
+passes its wake-up on when it leaves without looking (its client went away),
+and one that claimed a job passes it on too: the queue may hold more than the
+wake-ups told of (a released claim, a restored one, an operator's requeue),
+and the chain stops at the first waiter that finds the queue empty.
+
 Each wake-up carries the published job, so that a filtered long-poll
 (``where=``, docs/filters.md) tests it and keeps waiting, without touching the
 queue, when the job is not one it wants. A wake-up without a job (Redis was
@@ -53,11 +61,21 @@ class Generation:
         return self.next
 
 
+_waiting = 0
+
+
+def waiting() -> int:
+    """Long-polls waiting in this process right now."""
+    return _waiting
+
+
 class Signal:
     """Fired once per publish; waiters hold the generation they saw."""
 
     def __init__(self) -> None:
         self._current = Generation()
+        # Unfiltered waiters, longest waiting first; each is woken on its own.
+        self._idle: dict[asyncio.Future[None], None] = {}
         self._listener: asyncio.Task[None] | None = None
         # Set while the Redis listener is subscribed: publishes from other
         # processes reach this one's waiters.
@@ -72,8 +90,64 @@ class Signal:
         return self._current
 
     def fire(self, job: dict[str, Any] | None = None) -> None:
-        """End the current generation with ``job`` (None: some job, unknown)."""
+        """End the current generation with ``job`` (None: some job, unknown).
+
+        A job wakes one unfiltered waiter and every filtered one that may want
+        it; None wakes them all.
+        """
         self._current = self._current.end(job)
+        if job is None:
+            while self._idle:
+                self.wake_one()
+        else:
+            self.wake_one()
+
+    def wake_one(self) -> None:
+        """Wake the unfiltered waiter that has waited longest, if there is one."""
+        while self._idle:
+            future = next(iter(self._idle))
+            del self._idle[future]
+            if not future.done():
+                future.set_result(None)
+                return
+
+    async def wait(
+        self,
+        generation: Generation,
+        timeout: float,
+        job_filter: JobFilter | None = None,
+    ) -> bool:
+        """Wait for a publish after ``generation`` that ``job_filter`` may want.
+
+        False on timeout. Jobs the filter does not match are passed over here,
+        in memory, so they cost a filtered waiter no look at the queue.
+        """
+        global _waiting
+        _waiting += 1
+        try:
+            if job_filter is None or job_filter.is_empty:
+                # Published since the waiter looked: it looks again at once.
+                return generation.next is not None or await self._idle_wait(timeout)
+            return await _filtered_wait(generation, timeout, job_filter)
+        finally:
+            _waiting -= 1
+
+    async def _idle_wait(self, timeout: float) -> bool:
+        woken = asyncio.get_running_loop().create_future()
+        self._idle[woken] = None
+        try:
+            async with asyncio.timeout(timeout):
+                await woken
+            return True
+        except TimeoutError:
+            # Woken in the same turn as the timeout: the wake-up counts.
+            return woken.done() and not woken.cancelled()
+        except asyncio.CancelledError:
+            if woken.done() and not woken.cancelled():
+                self.wake_one()  # leaving without looking: someone else looks
+            raise
+        finally:
+            self._idle.pop(woken, None)
 
 
 _signals: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Signal] = (
@@ -90,42 +164,25 @@ def signal() -> Signal:
     return found
 
 
-_waiting = 0
-
-
-def waiting() -> int:
-    """Long-polls waiting in this process right now."""
-    return _waiting
-
-
-async def wait(
-    generation: Generation, timeout: float, job_filter: JobFilter | None = None
+async def _filtered_wait(
+    generation: Generation, timeout: float, job_filter: JobFilter
 ) -> bool:
-    """Wait for a publish after ``generation`` that ``job_filter`` may want.
-
-    False on timeout. Jobs the filter does not match are passed over here, in
-    memory, so they cost a filtered waiter no look at the queue.
-    """
-    global _waiting
-    _waiting += 1
+    """Read every job published after ``generation`` until one may be wanted."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     current = generation
-    try:
-        while True:
-            while current.next is not None:
-                if _may_want(job_filter, current.job):
-                    return True
-                current = current.next
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            try:
-                await asyncio.wait_for(current.ended(), remaining)
-            except TimeoutError:
-                return False
-    finally:
-        _waiting -= 1
+    while True:
+        while current.next is not None:
+            if _may_want(job_filter, current.job):
+                return True
+            current = current.next
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        try:
+            await asyncio.wait_for(current.ended(), remaining)
+        except TimeoutError:
+            return False
 
 
 def _may_want(job_filter: JobFilter | None, job: dict[str, Any] | None) -> bool:

@@ -160,11 +160,11 @@ async def test_a_filtered_long_poll_is_woken_only_by_a_matching_job(
     monkeypatch.setattr(queues.get_queue(), "claim", counted_claim)
     waiting = asyncio.Event()
     passed_over: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-    real_wait, real_may_want = wakeups.wait, wakeups._may_want
+    real_wait, real_may_want = wakeups.Signal.wait, wakeups._may_want
 
-    async def observed_wait(*args: Any) -> bool:
+    async def observed_wait(self: wakeups.Signal, *args: Any) -> bool:
         waiting.set()
-        return await real_wait(*args)
+        return await real_wait(self, *args)
 
     def observed_may_want(
         job_filter: JobFilter | None, job: dict[str, Any] | None
@@ -174,7 +174,7 @@ async def test_a_filtered_long_poll_is_woken_only_by_a_matching_job(
             passed_over.put_nowait(job)
         return wanted
 
-    monkeypatch.setattr(wakeups, "wait", observed_wait)
+    monkeypatch.setattr(wakeups.Signal, "wait", observed_wait)
     monkeypatch.setattr(wakeups, "_may_want", observed_may_want)
     poll = asyncio.create_task(
         claim(api, sign, "wait=20&where=money_per_sec>=10M&where=players<players_max")

@@ -146,9 +146,9 @@ async def test_a_filtered_waiter_reads_every_job_published_meanwhile() -> None:
     # Published before the waiter looks: it must still see all three, in order.
     for money in (1, 2, 30_000_000):
         signal.fire({"numbers": {"money": money}})
-    assert await wakeups.wait(generation, 5, RICH)
+    assert await signal.wait(generation, 5, RICH)
     later = signal.generation()
-    waiter = asyncio.create_task(wakeups.wait(later, 0.3, RICH))
+    waiter = asyncio.create_task(signal.wait(later, 0.3, RICH))
     signal.fire({"numbers": {"money": 5}})
     signal.fire({"numbers": {}})
     assert not await waiter  # nothing it wanted: it timed out
@@ -160,8 +160,8 @@ async def test_a_wake_up_without_a_job_wakes_every_waiter() -> None:
     signal = wakeups.Signal()
     generation = signal.generation()
     signal.fire(None)  # Redis came back: something may have been published
-    assert await wakeups.wait(generation, 5, RICH)
-    assert await wakeups.wait(generation, 5, None)
+    assert await signal.wait(generation, 5, RICH)
+    assert await signal.wait(generation, 5, None)
 
 
 def test_redis_messages_carry_the_job_and_skip_their_sender() -> None:
@@ -188,7 +188,7 @@ async def test_a_job_relayed_through_redis_reaches_filtered_waiters(
         for money in (1, 20_000_000):
             message = {"origin": "replica-2", "job": {"numbers": {"money": money}}}
             await publisher.publish(wakeups.PUBLISHED_CHANNEL, json.dumps(message))
-        assert await wakeups.wait(generation, 5, RICH)
+        assert await signal.wait(generation, 5, RICH)
         assert generation.job == {"numbers": {"money": 1}}  # passed over first
         assert generation.next is not None
         assert generation.next.job == {"numbers": {"money": 20_000_000}}

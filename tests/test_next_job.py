@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -14,8 +15,10 @@ import time_machine
 from asgiref.sync import sync_to_async
 from django.utils import timezone
 
-from jobs import wakeups
+from jobs import services, wakeups
 from jobs.models import Job
+from jobs.payloads import parse_job
+from jobs.queues import get_queue
 
 Sign = Callable[..., dict[str, str]]
 
@@ -134,19 +137,8 @@ async def test_wait_on_an_empty_queue_holds_then_204(
 async def test_a_publish_wakes_a_waiting_long_poll(
     api: httpx.AsyncClient, sign: Sign, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    waiting = asyncio.Event()
-    real_wait = wakeups.wait
-
-    async def observed_wait(
-        generation: wakeups.Generation, timeout: float, *rest: Any
-    ) -> bool:
-        waiting.set()
-        return await real_wait(generation, timeout, *rest)
-
-    monkeypatch.setattr(wakeups, "wait", observed_wait)
-    poll = asyncio.create_task(claim(api, sign, "?wait=20"))
     # Publish only once the poll has found the queue empty and is waiting.
-    await asyncio.wait_for(waiting.wait(), timeout=10)
+    (poll,) = await park_polls(api, sign, monkeypatch, 1, "?wait=20")
     assert not poll.done()
     job = await publish(api, sign, job_id="woken")
     published_at = time.monotonic()
@@ -159,27 +151,82 @@ async def test_a_publish_wakes_a_waiting_long_poll(
 async def test_one_publish_wakes_one_of_several_waiters(
     api: httpx.AsyncClient, sign: Sign, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    waiters = 0
-    all_waiting = asyncio.Event()
-    real_wait = wakeups.wait
-
-    async def observed_wait(
-        generation: wakeups.Generation, timeout: float, *rest: Any
-    ) -> bool:
-        nonlocal waiters
-        waiters += 1
-        if waiters >= 3:
-            all_waiting.set()
-        return await real_wait(generation, timeout, *rest)
-
-    monkeypatch.setattr(wakeups, "wait", observed_wait)
-    polls = [asyncio.create_task(claim(api, sign, "?wait=0.5")) for _ in range(3)]
-    await asyncio.wait_for(all_waiting.wait(), timeout=10)
+    polls = await park_polls(api, sign, monkeypatch, 3, "?wait=0.5")
     job = await publish(api, sign, job_id="only-one")
     responses = await asyncio.wait_for(asyncio.gather(*polls), timeout=10)
     winners = [r.json()["job"] for r in responses if r.status_code == 200]
     assert winners == [job]
     assert sorted(r.status_code for r in responses) == [200, 204, 204]
+
+
+async def test_one_publish_makes_two_claims_not_one_per_waiter(
+    api: httpx.AsyncClient, sign: Sign, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claims = 0
+    real_claim = get_queue().claim
+
+    async def counted_claim(*args: Any) -> dict[str, Any] | None:
+        nonlocal claims
+        claims += 1
+        return await real_claim(*args)
+
+    monkeypatch.setattr(get_queue(), "claim", counted_claim)
+    parked = await park_polls(api, sign, monkeypatch, 8, "?wait=0.5")
+    assert claims == 8  # each looked once and found the queue empty
+    job = await publish(api, sign, job_id="one-of-eight")
+    responses = await asyncio.wait_for(asyncio.gather(*parked), timeout=10)
+    assert [r.json()["job"] for r in responses if r.status_code == 200] == [job]
+    # The woken waiter's claim, and the next waiter's (the winner passes the
+    # wake-up on in case more is queued), which finds the queue empty.
+    assert claims == 8 + 2
+
+
+async def test_jobs_queued_without_a_wake_up_are_found_along_the_chain(
+    api: httpx.AsyncClient, sign: Sign, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parked = await park_polls(api, sign, monkeypatch, 3, "?wait=20")
+    # Two jobs queued, one announced: as after a released claim, or a requeue.
+    stored = [
+        await services._store(parse_job(json.dumps({"job_id": f"quiet-{n}"}).encode()))
+        for n in range(2)
+    ]
+    wakeups.signal().fire(stored[0].job)
+    claimed: list[int] = []
+    pending = set(parked)
+    while len(claimed) < 2:
+        done, pending = await asyncio.wait(
+            pending, timeout=10, return_when=asyncio.FIRST_COMPLETED
+        )
+        assert done, "a queued job waited for a timeout"
+        claimed += [task.result().json()["job"]["id"] for task in done]
+    assert sorted(claimed) == [published.job["id"] for published in stored]
+    for task in pending:
+        task.cancel()
+
+
+async def park_polls(
+    api: httpx.AsyncClient,
+    sign: Sign,
+    monkeypatch: pytest.MonkeyPatch,
+    count: int,
+    query: str,
+) -> list[asyncio.Task[httpx.Response]]:
+    """``count`` long-polls, returned once every one is waiting."""
+    waiting = 0
+    all_waiting = asyncio.Event()
+    real_wait = wakeups.Signal.wait
+
+    async def observed_wait(self: wakeups.Signal, *args: Any) -> bool:
+        nonlocal waiting
+        waiting += 1
+        if waiting >= count:
+            all_waiting.set()
+        return await real_wait(self, *args)
+
+    monkeypatch.setattr(wakeups.Signal, "wait", observed_wait)
+    polls = [asyncio.create_task(claim(api, sign, query)) for _ in range(count)]
+    await asyncio.wait_for(all_waiting.wait(), timeout=10)
+    return polls
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 
+from jobs import wakeups
 from jobs.filters import JobFilter
 from jobs.queues import get_queue
 from jobs.views import _claim_or_release
@@ -32,7 +33,9 @@ class SlowQueue:
         self.released.append(job)
 
 
-async def test_cancelled_claim_releases_the_job() -> None:
+async def test_cancelled_claim_releases_the_job_and_wakes_a_waiter() -> None:
+    signal = wakeups.signal()
+    waiter = asyncio.create_task(signal.wait(signal.generation(), 30))
     queue = SlowQueue()
     request = asyncio.create_task(
         _claim_or_release(queue, "10.0.0.1", JobFilter())  # type: ignore[arg-type]
@@ -48,6 +51,7 @@ async def test_cancelled_claim_releases_the_job() -> None:
     else:
         raise AssertionError("the request was not cancelled")
     assert queue.released == [{"id": 7}]
+    assert await asyncio.wait_for(waiter, 10)  # the job is back: someone looks
 
 
 async def test_release_puts_the_job_back_first(

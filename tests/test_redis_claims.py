@@ -9,6 +9,7 @@ the job as queued. Whichever claim records first wins; the other is skipped.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
-from jobs import queues, redis_clients, services
+from jobs import queues, redis_clients, services, wakeups
 from jobs.filters import parse_filter_query
 from jobs.models import Job
 from jobs.payloads import JobDraft
@@ -64,6 +65,18 @@ async def test_a_claim_cut_off_before_its_record_is_put_back_first_in_line(
     assert second is not None and second["id"] == later["id"]
     assert await claiming() == []
     assert await Job.objects.filter(status=Job.Status.CLAIMED).acount() == 2
+
+
+async def test_a_claim_put_back_wakes_the_long_polls(redis_queue: str) -> None:
+    await publish()
+    await cut_off_claim(age=queues.CLAIM_TIMEOUT_SECONDS + 1)
+    signal = wakeups.signal()
+    generation = signal.generation()
+    waiter = asyncio.create_task(signal.wait(generation, 30))
+    assert await queues.RedisQueue().claim("203.0.113.1") is not None
+    # The job put back was claimed by the request that put it back; the
+    # waiters look too, for anything else that came back.
+    assert await asyncio.wait_for(waiter, 10)
 
 
 async def test_a_young_unfinished_claim_is_left_to_its_claimer(

@@ -1,0 +1,88 @@
+"""Long-poll wake-ups: one unfiltered waiter per job, and none missed."""
+
+from __future__ import annotations
+
+import asyncio
+
+from jobs import wakeups
+
+
+async def _waiters(signal: wakeups.Signal, count: int) -> list[asyncio.Task[bool]]:
+    """``count`` unfiltered waiters, parked in the order they were started."""
+    generation = signal.generation()
+    started = 0
+    all_started = asyncio.Event()
+
+    async def waiter() -> bool:
+        nonlocal started
+        started += 1
+        if started == count:
+            all_started.set()
+        # Parks before it yields: once the last one has started, all are parked.
+        return await signal.wait(generation, 30)
+
+    tasks = [asyncio.create_task(waiter()) for _ in range(count)]
+    await asyncio.wait_for(all_started.wait(), 10)
+    return tasks
+
+
+async def _next_done(tasks: list[asyncio.Task[bool]]) -> asyncio.Task[bool]:
+    done, _ = await asyncio.wait(tasks, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    assert len(done) == 1, f"{len(done)} waiters ended"
+    (task,) = done
+    tasks.remove(task)
+    return task
+
+
+async def test_each_job_wakes_one_waiter_the_longest_waiting() -> None:
+    signal = wakeups.Signal()
+    first, second, third = waiters = await _waiters(signal, 3)
+    pending = list(waiters)
+    signal.fire({"id": 1})
+    assert await _next_done(pending) is first
+    signal.fire({"id": 2})
+    assert await _next_done(pending) is second
+    assert not third.done()
+    assert first.result() and second.result()
+    third.cancel()
+
+
+async def test_a_wake_up_without_a_job_wakes_every_waiter() -> None:
+    signal = wakeups.Signal()
+    waiters = await _waiters(signal, 3)
+    signal.fire(None)  # Redis came back: any number of jobs may be waiting
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 10) == [True] * 3
+
+
+async def test_a_waiter_woken_then_cancelled_passes_the_wake_up_on() -> None:
+    signal = wakeups.Signal()
+    first, second = await _waiters(signal, 2)
+    signal.fire({"id": 1})  # wakes the first...
+    first.cancel()  # ...whose client leaves before it looks at the queue
+    assert await asyncio.wait_for(second, 10)
+    assert first.cancelled()
+
+
+async def test_a_job_published_before_the_wait_ends_it_at_once() -> None:
+    signal = wakeups.Signal()
+    generation = signal.generation()  # taken, then the queue was found empty
+    signal.fire({"id": 1})  # published meanwhile, with nobody waiting yet
+    assert await asyncio.wait_for(signal.wait(generation, 30), 1)
+
+
+async def test_a_waiter_that_times_out_is_not_woken_later() -> None:
+    signal = wakeups.Signal()
+    generation = signal.generation()
+    assert not await signal.wait(generation, 0.01)
+    (waiter,) = await _waiters(signal, 1)
+    signal.fire({"id": 1})  # goes to the waiter still there, not the one gone
+    assert await asyncio.wait_for(waiter, 10)
+
+
+async def test_wake_one_with_nobody_waiting_does_nothing() -> None:
+    signal = wakeups.Signal()
+    signal.wake_one()
+    (waiter,) = await _waiters(signal, 1)
+    done, _ = await asyncio.wait([waiter], timeout=0.05)
+    assert not done  # the wake-up was not kept for a later waiter
+    waiter.cancel()
