@@ -201,6 +201,11 @@ WS_REQUIRE_SIGNATURE = config.boolean("WS_REQUIRE_SIGNATURE", False)
 REQUIRE_SIGNATURE_V2 = config.boolean("REQUIRE_SIGNATURE_V2", False)
 # Seconds a ticket from POST /ws/ticket stays good for its one handshake.
 WS_TICKET_TTL = config.integer("WS_TICKET_TTL", 30, minimum=1, maximum=300)
+# Seconds a refused credential waits for its answer: a flood of forged
+# requests then gets one refusal per connection per delay (docs/security.md).
+AUTH_FAILURE_DELAY_SECONDS = config.number(
+    "AUTH_FAILURE_DELAY_SECONDS", 1.0, minimum=0.0, maximum=10.0
+)
 
 RATE_LIMIT_PER_MINUTE = config.integer("RATE_LIMIT_PER_MINUTE", 0, minimum=0)
 RATE_LIMIT_WINDOW_SECONDS = config.integer("RATE_LIMIT_WINDOW_SECONDS", 60, minimum=1)

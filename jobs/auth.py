@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from typing import Any
 from urllib.parse import quote
@@ -37,9 +38,23 @@ async def authenticate(request: HttpRequest) -> signing.Verified:
             require_v2=settings.REQUIRE_SIGNATURE_V2,
         )
     except signing.SignatureError as exc:
+        await hold_refusal()
         raise ApiError(401, exc.code, exc.detail) from None
     await remember_nonce(verified)
     return verified
+
+
+async def hold_refusal() -> None:
+    """Wait ``AUTH_FAILURE_DELAY_SECONDS`` before refusing a credential.
+
+    A client waits for each answer on its connection, so a flood of forged
+    requests gets one refusal per connection per delay; a held refusal costs
+    the server a timer, not a turn of its event loop. Valid requests are never
+    held (docs/security.md, "Refused credentials").
+    """
+    delay = settings.AUTH_FAILURE_DELAY_SECONDS
+    if delay > 0:
+        await asyncio.sleep(delay)
 
 
 async def remember_nonce(verified: signing.Verified) -> None:
@@ -52,6 +67,7 @@ async def remember_nonce(verified: signing.Verified) -> None:
         return
     lifetime = verified.nonce_lifetime(settings.TIMESTAMP_TOLERANCE)
     if not await onetime.add("nonce:" + verified.nonce, "1", lifetime):
+        await hold_refusal()
         raise ApiError(
             401, "replayed_nonce", "This X-NONCE was used already; sign afresh."
         )

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from gateway_client import signing
 from jobs import deliveries, fanout, metrics, presence, tickets
 from jobs import logging as logs
-from jobs.auth import client_ip, remember_nonce, scope_target
+from jobs.auth import client_ip, hold_refusal, remember_nonce, scope_target
 from jobs.db import in_db_thread
 from jobs.filters import MAX_CLAUSES, FilterError, JobFilter, requested_filter
 from jobs.models import Job
@@ -252,8 +252,10 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             else:
                 await self._check_credentials(headers, query)
         except signing.SignatureError as exc:
+            await hold_refusal()
             raise HandshakeError(exc.code) from None
         except tickets.TicketRefused as exc:
+            await hold_refusal()
             raise HandshakeError(str(exc)) from None
         except (RedisError, OSError) as exc:
             raise HandshakeError(f"the store is unavailable: {exc}") from None

@@ -84,6 +84,8 @@ os.environ.update(
         "HMAC_SECRET": HMAC_SECRET,
         "DJANGO_SECRET_KEY": "test-django-secret-key",
         "TEST_SQLITE_FILE": str(_scratch / "test.sqlite3"),
+        # Refusals are answered at once; tests of the delay set their own.
+        "AUTH_FAILURE_DELAY_SECONDS": "0",
     }
 )
 
