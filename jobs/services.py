@@ -107,27 +107,38 @@ def _store(draft: JobDraft) -> Published:
     return Published(job.to_wire(), created=True)
 
 
+# The look for an earlier copy runs before every insert. Written out, it costs
+# a fraction of the ORM's version, whose query building was a third of a
+# publish's CPU; only a duplicate found is then loaded through the ORM.
+_BY_MESSAGE_SQL = "SELECT id FROM jobs_job WHERE message_id = %s"
+_RECENT_SQL = (
+    "SELECT id FROM jobs_job WHERE job_id = %s AND created_at > %s ORDER BY id LIMIT 1"
+)
+
+
 def _find_duplicate(draft: JobDraft, now: datetime) -> Job | None:
-    if draft.message_id is not None:
-        found = Job.objects.filter(message_id=draft.message_id).first()
-        if found is not None:
-            return found
-    window = settings.DEDUP_WINDOW_SECONDS
-    if not window:
-        return None
-    if connection.vendor == "postgresql":
-        # Two requests with one job_id must not both miss each other's insert:
-        # serialise them on the job_id for the rest of this transaction.
-        with connection.cursor() as cursor:
+    with connection.cursor() as cursor:
+        if draft.message_id is not None:
+            cursor.execute(_BY_MESSAGE_SQL, [draft.message_id])
+            found = cursor.fetchone()
+            if found is not None:
+                return Job.objects.get(pk=found[0])
+        window = settings.DEDUP_WINDOW_SECONDS
+        if not window:
+            return None
+        if connection.vendor == "postgresql":
+            # Two requests with one job_id must not both miss each other's
+            # insert: serialise them on the job_id for the rest of this
+            # transaction.
             cursor.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [draft.job_id])
-    # SQLite needs no lock: the IMMEDIATE transaction already serialises writers.
-    return (
-        Job.objects.filter(
-            job_id=draft.job_id, created_at__gt=now - timedelta(seconds=window)
+        # SQLite needs no lock: the IMMEDIATE transaction already serialises
+        # writers.
+        since = connection.ops.adapt_datetimefield_value(
+            now - timedelta(seconds=window)
         )
-        .order_by("id")
-        .first()
-    )
+        cursor.execute(_RECENT_SQL, [draft.job_id, since])
+        found = cursor.fetchone()
+    return None if found is None else Job.objects.get(pk=found[0])
 
 
 def requeue(pks: list[int]) -> int:
