@@ -98,26 +98,28 @@ async def next_job(request: HttpRequest) -> HttpResponse:
     claimer = request_ip(request)
     deadline = time.monotonic() + wait
     signal = wakeups.signal()
-    woken = False
+    woken: wakeups.Woken | None = None
     try:
         while True:
             generation = signal.generation()
             job = await _claim_or_release(queue, claimer, job_filter)
             if job is not None:
                 deliveries.claimed(job)
+                if woken is not None and woken.job_id == job["id"]:
+                    woken = None  # it took the job it was woken for
                 return json_response({"job": job})
-            woken = False  # the queue was empty: this wake-up ends here
+            woken = None  # the queue was empty: this wake-up ends here
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return _empty()
             woken = await signal.wait(generation, remaining, job_filter)
-            if not woken:
+            if woken is None:
                 return _empty()
     finally:
-        if woken:
-            # It claimed a job, or left before finding out: the next waiter
-            # looks, in case the queue holds more (jobs.wakeups).
-            signal.wake_one()
+        if woken is not None:
+            # It took an older job than the one it was woken for, or left
+            # before looking: the next waiter looks (jobs.wakeups).
+            signal.wake_one(woken)
 
 
 def _filter(request: HttpRequest) -> JobFilter:

@@ -6,11 +6,11 @@ signal, so a ``GET /job/next?wait=`` held by another replica wakes too.
 
 A job wakes one unfiltered waiter, the one that has waited longest: one
 claim per job, not one per waiter (with 50 workers waiting, the other 49
-would each look at the queue and find it empty). A waiter woken for nothing
-passes its wake-up on when it leaves without looking (its client went away),
-and one that claimed a job passes it on too: the queue may hold more than the
-wake-ups told of (a released claim, a restored one, an operator's requeue),
-and the chain stops at the first waiter that finds the queue empty.
+would each look at the queue and find it empty). The wake-up names its job,
+and is passed on to the next waiter when the woken one leaves without
+looking (its client went away) or finds an older job first: the queue then
+held a job no wake-up told of (an operator's requeue), so it may hold more.
+Claims put back and restored announce themselves.
 
 Each wake-up carries the published job, so that a filtered long-poll
 (``where=``, docs/filters.md) tests it and keeps waiting, without touching the
@@ -25,7 +25,7 @@ import json
 import logging
 import secrets
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.conf import settings
 
@@ -61,6 +61,16 @@ class Generation:
         return self.next
 
 
+class Woken(NamedTuple):
+    """Why a waiter woke: the job whose publish woke it, None if not known."""
+
+    job_id: int | None
+
+    @classmethod
+    def by(cls, job: dict[str, Any] | None) -> Woken:
+        return cls(None if job is None else job.get("id"))
+
+
 _waiting = 0
 
 
@@ -75,7 +85,7 @@ class Signal:
     def __init__(self) -> None:
         self._current = Generation()
         # Unfiltered waiters, longest waiting first; each is woken on its own.
-        self._idle: dict[asyncio.Future[None], None] = {}
+        self._idle: dict[asyncio.Future[Woken], None] = {}
         self._listener: asyncio.Task[None] | None = None
         # Set while the Redis listener is subscribed: publishes from other
         # processes reach this one's waiters.
@@ -96,19 +106,20 @@ class Signal:
         it; None wakes them all.
         """
         self._current = self._current.end(job)
+        woken = Woken.by(job)
         if job is None:
             while self._idle:
-                self.wake_one()
+                self.wake_one(woken)
         else:
-            self.wake_one()
+            self.wake_one(woken)
 
-    def wake_one(self) -> None:
+    def wake_one(self, woken: Woken) -> None:
         """Wake the unfiltered waiter that has waited longest, if there is one."""
         while self._idle:
             future = next(iter(self._idle))
             del self._idle[future]
             if not future.done():
-                future.set_result(None)
+                future.set_result(woken)
                 return
 
     async def wait(
@@ -116,38 +127,46 @@ class Signal:
         generation: Generation,
         timeout: float,
         job_filter: JobFilter | None = None,
-    ) -> bool:
+    ) -> Woken | None:
         """Wait for a publish after ``generation`` that ``job_filter`` may want.
 
-        False on timeout. Jobs the filter does not match are passed over here,
+        None on timeout. Jobs the filter does not match are passed over here,
         in memory, so they cost a filtered waiter no look at the queue.
         """
         global _waiting
         _waiting += 1
         try:
             if job_filter is None or job_filter.is_empty:
-                # Published since the waiter looked: it looks again at once.
-                return generation.next is not None or await self._idle_wait(timeout)
+                if generation.next is not None:
+                    # Published since the waiter looked: it looks again at once.
+                    return Woken.by(generation.job)
+                return await self._idle_wait(timeout)
             return await _filtered_wait(generation, timeout, job_filter)
         finally:
             _waiting -= 1
 
-    async def _idle_wait(self, timeout: float) -> bool:
-        woken = asyncio.get_running_loop().create_future()
-        self._idle[woken] = None
+    async def _idle_wait(self, timeout: float) -> Woken | None:
+        future: asyncio.Future[Woken] = asyncio.get_running_loop().create_future()
+        self._idle[future] = None
         try:
             async with asyncio.timeout(timeout):
-                await woken
-            return True
+                return await future
         except TimeoutError:
             # Woken in the same turn as the timeout: the wake-up counts.
-            return woken.done() and not woken.cancelled()
+            return _woken(future)
         except asyncio.CancelledError:
-            if woken.done() and not woken.cancelled():
-                self.wake_one()  # leaving without looking: someone else looks
+            woken = _woken(future)
+            if woken is not None:
+                self.wake_one(woken)  # leaving without looking: someone else looks
             raise
         finally:
-            self._idle.pop(woken, None)
+            self._idle.pop(future, None)
+
+
+def _woken(future: asyncio.Future[Woken]) -> Woken | None:
+    if future.done() and not future.cancelled():
+        return future.result()
+    return None
 
 
 _signals: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Signal] = (
@@ -166,7 +185,7 @@ def signal() -> Signal:
 
 async def _filtered_wait(
     generation: Generation, timeout: float, job_filter: JobFilter
-) -> bool:
+) -> Woken | None:
     """Read every job published after ``generation`` until one may be wanted."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -174,15 +193,15 @@ async def _filtered_wait(
     while True:
         while current.next is not None:
             if _may_want(job_filter, current.job):
-                return True
+                return Woken.by(current.job)
             current = current.next
         remaining = deadline - loop.time()
         if remaining <= 0:
-            return False
+            return None
         try:
             await asyncio.wait_for(current.ended(), remaining)
         except TimeoutError:
-            return False
+            return None
 
 
 def _may_want(job_filter: JobFilter | None, job: dict[str, Any] | None) -> bool:

@@ -162,7 +162,7 @@ async def test_a_filtered_long_poll_is_woken_only_by_a_matching_job(
     passed_over: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     real_wait, real_may_want = wakeups.Signal.wait, wakeups._may_want
 
-    async def observed_wait(self: wakeups.Signal, *args: Any) -> bool:
+    async def observed_wait(self: wakeups.Signal, *args: Any) -> wakeups.Woken | None:
         waiting.set()
         return await real_wait(self, *args)
 

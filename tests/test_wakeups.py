@@ -7,13 +7,15 @@ import asyncio
 from jobs import wakeups
 
 
-async def _waiters(signal: wakeups.Signal, count: int) -> list[asyncio.Task[bool]]:
+async def _waiters(
+    signal: wakeups.Signal, count: int
+) -> list[asyncio.Task[wakeups.Woken | None]]:
     """``count`` unfiltered waiters, parked in the order they were started."""
     generation = signal.generation()
     started = 0
     all_started = asyncio.Event()
 
-    async def waiter() -> bool:
+    async def waiter() -> wakeups.Woken | None:
         nonlocal started
         started += 1
         if started == count:
@@ -26,7 +28,9 @@ async def _waiters(signal: wakeups.Signal, count: int) -> list[asyncio.Task[bool
     return tasks
 
 
-async def _next_done(tasks: list[asyncio.Task[bool]]) -> asyncio.Task[bool]:
+async def _next_done(
+    tasks: list[asyncio.Task[wakeups.Woken | None]],
+) -> asyncio.Task[wakeups.Woken | None]:
     done, _ = await asyncio.wait(tasks, timeout=10, return_when=asyncio.FIRST_COMPLETED)
     assert len(done) == 1, f"{len(done)} waiters ended"
     (task,) = done
@@ -43,7 +47,9 @@ async def test_each_job_wakes_one_waiter_the_longest_waiting() -> None:
     signal.fire({"id": 2})
     assert await _next_done(pending) is second
     assert not third.done()
-    assert first.result() and second.result()
+    # Each knows the job it was woken for.
+    assert first.result() == wakeups.Woken(1)
+    assert second.result() == wakeups.Woken(2)
     third.cancel()
 
 
@@ -51,7 +57,8 @@ async def test_a_wake_up_without_a_job_wakes_every_waiter() -> None:
     signal = wakeups.Signal()
     waiters = await _waiters(signal, 3)
     signal.fire(None)  # Redis came back: any number of jobs may be waiting
-    assert await asyncio.wait_for(asyncio.gather(*waiters), 10) == [True] * 3
+    woken = await asyncio.wait_for(asyncio.gather(*waiters), 10)
+    assert woken == [wakeups.Woken(None)] * 3
 
 
 async def test_a_waiter_woken_then_cancelled_passes_the_wake_up_on() -> None:
@@ -59,7 +66,7 @@ async def test_a_waiter_woken_then_cancelled_passes_the_wake_up_on() -> None:
     first, second = await _waiters(signal, 2)
     signal.fire({"id": 1})  # wakes the first...
     first.cancel()  # ...whose client leaves before it looks at the queue
-    assert await asyncio.wait_for(second, 10)
+    assert await asyncio.wait_for(second, 10) == wakeups.Woken(1)
     assert first.cancelled()
 
 
@@ -67,13 +74,13 @@ async def test_a_job_published_before_the_wait_ends_it_at_once() -> None:
     signal = wakeups.Signal()
     generation = signal.generation()  # taken, then the queue was found empty
     signal.fire({"id": 1})  # published meanwhile, with nobody waiting yet
-    assert await asyncio.wait_for(signal.wait(generation, 30), 1)
+    assert await asyncio.wait_for(signal.wait(generation, 30), 1) == wakeups.Woken(1)
 
 
 async def test_a_waiter_that_times_out_is_not_woken_later() -> None:
     signal = wakeups.Signal()
     generation = signal.generation()
-    assert not await signal.wait(generation, 0.01)
+    assert await signal.wait(generation, 0.01) is None
     (waiter,) = await _waiters(signal, 1)
     signal.fire({"id": 1})  # goes to the waiter still there, not the one gone
     assert await asyncio.wait_for(waiter, 10)
@@ -81,7 +88,7 @@ async def test_a_waiter_that_times_out_is_not_woken_later() -> None:
 
 async def test_wake_one_with_nobody_waiting_does_nothing() -> None:
     signal = wakeups.Signal()
-    signal.wake_one()
+    signal.wake_one(wakeups.Woken(None))
     (waiter,) = await _waiters(signal, 1)
     done, _ = await asyncio.wait([waiter], timeout=0.05)
     assert not done  # the wake-up was not kept for a later waiter
