@@ -153,4 +153,10 @@ def requeue(pks: list[int]) -> int:
             job.save(update_fields=["status", "claimed_at", "claimed_by", "expires_at"])
             get_queue().enqueue(job)
         count += 1
+    if count:
+        try:
+            wakeups.announce_from_sync()
+        except Exception as exc:
+            # Best effort: waiting long-polls still look when their wait ends.
+            logger.warning("could not wake long-polls for requeued jobs: %s", exc)
     return count

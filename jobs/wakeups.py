@@ -9,8 +9,8 @@ claim per job, not one per waiter (with 50 workers waiting, the other 49
 would each look at the queue and find it empty). The wake-up names its job,
 and is passed on to the next waiter when the woken one leaves without
 looking (its client went away) or finds an older job first: the queue then
-held a job no wake-up told of (an operator's requeue), so it may hold more.
-Claims put back and restored announce themselves.
+held a job no wake-up told of, so it may hold more. Claims put back and
+restored announce themselves, and so does an operator's requeue.
 
 Each wake-up carries the published job, so that a filtered long-poll
 (``where=``, docs/filters.md) tests it and keeps waiting, without touching the
@@ -217,6 +217,21 @@ async def announce(job: dict[str, Any] | None = None) -> None:
     if settings.REDIS_URL:
         message = json.dumps({"origin": local.origin, "job": job})
         await redis_clients.async_client().publish(PUBLISHED_CHANNEL, message)
+
+
+def announce_from_sync() -> None:
+    """From synchronous code (an operator's requeue): wake every waiter.
+
+    With Redis, every process's listener hears it, this one's included;
+    without, it is handed to each of this process's event loops.
+    """
+    if settings.REDIS_URL:
+        message = json.dumps({"origin": "sync", "job": None})
+        redis_clients.sync_client().publish(PUBLISHED_CHANNEL, message)
+        return
+    for loop, target in list(_signals.items()):
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(target.fire)
 
 
 def _job_in(target: Signal, data: Any) -> tuple[bool, dict[str, Any] | None]:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import time_machine
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.utils import timezone
 
 from jobs import services, wakeups
@@ -201,6 +202,23 @@ async def test_a_job_queued_without_a_wake_up_passes_the_wake_up_on(
     assert sorted(claimed) == [published.job["id"] for published in stored]
     for task in pending:
         task.cancel()
+
+
+async def test_an_operators_requeue_wakes_a_waiting_long_poll(
+    api: httpx.AsyncClient, sign: Sign, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = await publish(api, sign, job_id="requeued")
+    assert (await claim(api, sign)).status_code == 200
+    signal = wakeups.signal()
+    signal.generation()
+    if settings.REDIS_URL:  # the requeue's wake-up comes back through Redis
+        await asyncio.wait_for(signal.listening.wait(), 10)
+    (poll,) = await park_polls(api, sign, monkeypatch, 1, "?wait=20")
+    # The admin's action runs in a thread of its own, away from the event loop.
+    assert await sync_to_async(services.requeue)([job["id"]]) == 1
+    response = await asyncio.wait_for(poll, timeout=10)  # woken, not timed out
+    assert response.status_code == 200
+    assert response.json()["job"]["id"] == job["id"]
 
 
 async def park_polls(
