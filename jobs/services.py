@@ -45,12 +45,7 @@ async def publish(draft: JobDraft) -> Published:
         logger.info("published job %s as id %s", draft.job_id, result.job["id"])
         # Both are best effort: the job is safely queued already, and
         # WebSocket clients recover a missed frame with ``since=``.
-        try:
-            await wakeups.announce(result.job)
-        except Exception as exc:
-            logger.warning(
-                "could not wake long-polls for job %s: %s", draft.job_id, exc
-            )
+        await wakeups.announce(result.job)
         await broadcast(result.job)
     else:
         metrics.JOBS_DUPLICATES.inc()
@@ -154,9 +149,5 @@ def requeue(pks: list[int]) -> int:
             get_queue().enqueue(job)
         count += 1
     if count:
-        try:
-            wakeups.announce_from_sync()
-        except Exception as exc:
-            # Best effort: waiting long-polls still look when their wait ends.
-            logger.warning("could not wake long-polls for requeued jobs: %s", exc)
+        wakeups.announce_from_sync()
     return count

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Coroutine
 from functools import wraps
@@ -21,8 +20,6 @@ from jobs.payloads import PayloadError, parse_job
 from jobs.queues import Queue, get_queue
 from jobs.ratelimits import check_rate_limit
 from jobs.responses import ApiError, json_response, require_method
-
-logger = logging.getLogger(__name__)
 
 MAX_WAIT_SECONDS = 30
 
@@ -148,18 +145,8 @@ async def _claim_or_release(
         job = await claim
         if job is not None:
             await queue.release(job)
-            await _announce_released(job)
+            await wakeups.announce(job)  # back in the queue: a waiter looks
         raise
-
-
-async def _announce_released(job: dict[str, Any]) -> None:
-    # Back in the queue: a waiter that may want it should look.
-    try:
-        await wakeups.announce(job)
-    except Exception as exc:
-        logger.warning(
-            "could not wake long-polls for released job %s: %s", job["id"], exc
-        )
 
 
 def _empty() -> HttpResponse:

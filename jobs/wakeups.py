@@ -204,30 +204,39 @@ async def _filtered_wait(
             return None
 
 
-def _may_want(job_filter: JobFilter | None, job: dict[str, Any] | None) -> bool:
-    if job_filter is None or job_filter.is_empty or job is None:
-        return True
-    return job_filter.matches(job)
+def _may_want(job_filter: JobFilter, job: dict[str, Any] | None) -> bool:
+    return job is None or job_filter.matches(job)  # None: some job, unknown
 
 
 async def announce(job: dict[str, Any] | None = None) -> None:
-    """Tell every process's waiters that ``job`` was published."""
+    """Tell every process's waiters that ``job`` was published.
+
+    Best effort, never raising: the job is queued already, and a waiter that
+    misses the news looks again when its wait ends.
+    """
     local = signal()
     local.fire(job)
     if settings.REDIS_URL:
         message = json.dumps({"origin": local.origin, "job": job})
-        await redis_clients.async_client().publish(PUBLISHED_CHANNEL, message)
+        try:
+            await redis_clients.async_client().publish(PUBLISHED_CHANNEL, message)
+        except Exception as exc:
+            logger.warning("could not wake long-polls in other processes: %s", exc)
 
 
 def announce_from_sync() -> None:
     """From synchronous code (an operator's requeue): wake every waiter.
 
     With Redis, every process's listener hears it, this one's included;
-    without, it is handed to each of this process's event loops.
+    without, it is handed to each of this process's event loops. Best effort,
+    never raising, as ``announce``.
     """
     if settings.REDIS_URL:
         message = json.dumps({"origin": "sync", "job": None})
-        redis_clients.sync_client().publish(PUBLISHED_CHANNEL, message)
+        try:
+            redis_clients.sync_client().publish(PUBLISHED_CHANNEL, message)
+        except Exception as exc:
+            logger.warning("could not wake long-polls: %s", exc)
         return
     for loop, target in list(_signals.items()):
         if not loop.is_closed():

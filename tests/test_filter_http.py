@@ -166,9 +166,7 @@ async def test_a_filtered_long_poll_is_woken_only_by_a_matching_job(
         waiting.set()
         return await real_wait(self, *args)
 
-    def observed_may_want(
-        job_filter: JobFilter | None, job: dict[str, Any] | None
-    ) -> bool:
+    def observed_may_want(job_filter: JobFilter, job: dict[str, Any] | None) -> bool:
         wanted = real_may_want(job_filter, job)
         if not wanted:
             passed_over.put_nowait(job)
