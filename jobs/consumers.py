@@ -181,7 +181,12 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         self.pending = None
 
     async def _send_live(self, batch: fanout.Batch) -> None:
-        jobs = [job for job in batch.jobs if self._is_new(job["id"])]
+        # Runs once per client for every batch: the common case (nothing
+        # replayed that the batch could repeat) costs no per-job work.
+        if not self.replayed and batch.lowest_id > self.replay_floor:
+            jobs = batch.jobs
+        else:
+            jobs = [job for job in batch.jobs if self._is_new(job["id"])]
         if len(jobs) == len(batch.jobs):
             frames = [batch.frame()] if self.batched else batch.frames()
         elif not jobs:
@@ -190,8 +195,13 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             frames = self._frames(jobs)
         for frame in frames:
             await self.send(text_data=frame)
-        for job in jobs:
-            deliveries.sent(job)  # the dashboard's and the metric's; never waits
+        if jobs is not batch.jobs:
+            for job in jobs:
+                deliveries.sent(job)  # the dashboard's and the metric's
+        elif not batch.sent:
+            batch.sent = True  # the batch's first client notes it for all
+            for job in jobs:
+                deliveries.sent(job)
 
     def _is_new(self, job_id: int) -> bool:
         """Whether a live job was not replayed to this client already."""

@@ -69,13 +69,16 @@ class Batch:
     groups is serialised once for them all.
     """
 
-    __slots__ = ("_frame", "_frames", "jobs", "serialised")
+    __slots__ = ("_frame", "_frames", "jobs", "lowest_id", "sent", "serialised")
 
     def __init__(
         self, jobs: list[dict[str, Any]], serialised: dict[int, str] | None = None
     ) -> None:
         self.jobs = jobs
+        self.lowest_id = min(job["id"] for job in jobs)
         self.serialised = {} if serialised is None else serialised
+        # Whether a client has had every job of it (jobs.deliveries notes them).
+        self.sent = False
         self._frames: list[str] | None = None
         self._frame: str | None = None
 

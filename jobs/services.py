@@ -7,6 +7,7 @@ leaves nothing behind, and the caller answers 503.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -15,6 +16,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
+from django.db.models import Field
 from django.utils import timezone
 
 from jobs import groups, metrics, wakeups
@@ -72,7 +74,7 @@ def _store(draft: JobDraft) -> Published:
             original = _find_duplicate(draft, now)
             if original is not None:
                 return Published(original.to_wire(), created=False)
-            job = Job.objects.create(
+            job = Job(
                 job_id=draft.job_id,
                 place_id=draft.place_id,
                 channel=draft.channel,
@@ -86,6 +88,7 @@ def _store(draft: JobDraft) -> Published:
                 expires_at=now
                 + timedelta(seconds=draft.ttl or settings.JOB_TTL_SECONDS),
             )
+            _insert(job)
     except IntegrityError:
         # Another request stored the same message_id between our look and our
         # insert; the unique constraint kept one, which is the answer.
@@ -109,6 +112,38 @@ _BY_MESSAGE_SQL = "SELECT id FROM jobs_job WHERE message_id = %s"
 _RECENT_SQL = (
     "SELECT id FROM jobs_job WHERE job_id = %s AND created_at > %s ORDER BY id LIMIT 1"
 )
+
+
+_INSERT_SQL = "INSERT INTO {table} ({columns}) VALUES ({values}) RETURNING {pk}"
+
+
+@functools.cache
+def _insert_statement() -> tuple[str, tuple[Field[Any, Any], ...]]:
+    fields = tuple(f for f in Job._meta.concrete_fields if not f.primary_key)
+    quote = connection.ops.quote_name
+    sql = _INSERT_SQL.format(
+        table=quote(Job._meta.db_table),
+        columns=", ".join(quote(f.column) for f in fields),
+        values=", ".join(["%s"] * len(fields)),
+        pk=quote(Job._meta.pk.column),
+    )
+    return sql, fields
+
+
+def _insert(job: Job) -> None:
+    """Insert ``job`` as ``save()`` would, from a statement built once.
+
+    Building the INSERT cost ``save()`` more than running it. Every column is
+    written, each value prepared by its own field, so a field added to the
+    model is inserted here too.
+    """
+    sql, fields = _insert_statement()
+    values = [f.get_db_prep_save(getattr(job, f.attname), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
+        job.pk = cursor.fetchone()[0]
+    job._state.adding = False
+    job._state.db = connection.alias
 
 
 def _find_duplicate(draft: JobDraft, now: datetime) -> Job | None:

@@ -523,9 +523,10 @@ async def test_a_burst_is_written_in_batches(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(deliveries, "_write", counting)
     for pk in ids:
         deliveries.sent({"id": pk, "created_at": now.isoformat()})
+    noted = dict(deliveries._pending)
     await deliveries.flush()
     assert batches == [deliveries.BATCH, 1]
     recorded = await sync_to_async(
-        lambda: Job.objects.filter(pk__in=ids, delivered_at__gte=now).count()
+        lambda: dict(Job.objects.filter(pk__in=ids).values_list("pk", "delivered_at"))
     )()
-    assert recorded == len(ids)
+    assert recorded == noted  # each job its own moment
