@@ -369,21 +369,24 @@ async def publish_jobs(
     gateway: bool,
     deadline: float,
     on_refused: Callable[[], None] = lambda: None,
+    also_to: Sequence[str] = (),
 ) -> Publication:
     """POST each job at ``rate`` per second, on schedule however slow the answers.
 
     ``deadline`` is on the event loop's clock; answers still awaited then are
     abandoned and their jobs listed as ``unanswered``. ``on_refused`` is called
-    for each job the server refused (it will never be delivered).
+    for each job the server refused (it will never be delivered). With
+    ``also_to`` (more gateway processes), the posts take turns over
+    ``base_url`` and those, as behind a load balancer.
     """
     loop = asyncio.get_running_loop()
     signer = Signer()
     result = Publication()
-    url = base_url + "/job"
+    urls = [url + "/job" for url in (base_url, *also_to)]
     # One connection per job in flight, so that a slow answer delays no post.
     connector = aiohttp.TCPConnector(limit=max(1, min(len(job_ids), 64)))
 
-    async def post(session: aiohttp.ClientSession, job_id: str) -> None:
+    async def post(session: aiohttp.ClientSession, job_id: str, url: str) -> None:
         sent_at = time.time()
         body = job_body(job_id, repr(sent_at), gateway=gateway)
         headers = {**signer.headers(), "Content-Type": "application/json"}
@@ -413,7 +416,8 @@ async def publish_jobs(
             delay = started + number / rate - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(post(session, job_id)))
+            url = urls[number % len(urls)]
+            tasks.append(asyncio.create_task(post(session, job_id, url)))
         _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         for task in pending:
             task.cancel()

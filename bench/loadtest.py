@@ -3,8 +3,10 @@
     python -m bench.loadtest --quick      # 100 clients, 10 workers, 10 s (< 1 min)
     python -m bench.loadtest              # 1,000 clients, 50 workers, 60 s, 100/s
     python -m bench.loadtest --redis      # adds Redis (+ PostgreSQL) after embedded
+    python -m bench.loadtest --redis --no-embedded --processes 2
 
-For each stack, two phases on one gateway (daphne): N WebSocket clients hold
+For each stack, two phases on one gateway (daphne; with ``--processes``, the
+Redis stack runs several, sharing the load in turn): N WebSocket clients hold
 ``/ws`` open and W workers hold signed ``GET /job/next?wait=S`` long-polls while
 jobs are published through signed ``POST /job`` at R per second for D seconds.
 The second phase adds a flood: many concurrent requests to the same endpoints
@@ -106,6 +108,7 @@ class PhaseResult:
 
     stack: str
     phase: str
+    processes: int
     clients: int
     connected: int
     connect_failures: dict[str, int]
@@ -177,25 +180,42 @@ class PhaseResult:
 
 @dataclass
 class Stack:
-    """One gateway under test, and the services it runs on."""
+    """The gateway under test (one daphne process or several), and its services."""
 
     name: str
     label: str
-    gateway: Gateway
+    gateways: list[Gateway]
     services: list[Callable[[], int | None]] = field(default_factory=list)
     phases: list[PhaseResult] = field(default_factory=list)
 
-    @property
-    def pid(self) -> int:
-        pid = self.gateway.pid
-        assert pid is not None
-        return pid
+    def start(self) -> None:
+        for gateway in self.gateways:
+            gateway.start()
+
+    def close(self) -> None:
+        # The first one's folder may hold the others' SQLite file.
+        for gateway in reversed(self.gateways):
+            gateway.close()
 
     @property
-    def port(self) -> int:
-        port = urlsplit(self.gateway.base_url).port
-        assert port is not None
-        return port
+    def pids(self) -> list[int]:
+        pids = [gateway.pid for gateway in self.gateways]
+        assert None not in pids
+        return [pid for pid in pids if pid is not None]
+
+    @property
+    def base_urls(self) -> list[str]:
+        return [gateway.base_url for gateway in self.gateways]
+
+    @property
+    def ports(self) -> list[int]:
+        ports = [urlsplit(url).port for url in self.base_urls]
+        return [port for port in ports if port is not None]
+
+    def rss_kib(self) -> int | None:
+        """The daphne processes' resident memory together."""
+        sizes = [rss_kib(pid) for pid in self.pids]
+        return None if None in sizes else sum(size or 0 for size in sizes)
 
     def service_pids(self) -> list[int]:
         return [pid for get in self.services if (pid := get()) is not None]
@@ -209,7 +229,7 @@ def build_stacks(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[
             Stack(
                 "embedded",
                 "SQLite + in-memory channel layer",
-                Gateway(access_log=args.access_log),
+                [Gateway(access_log=args.access_log)],
             )
         )
     if args.redis:
@@ -237,16 +257,24 @@ def build_stacks(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[
             services.append(
                 lambda: postgres.server.process.pid if postgres.server.process else None
             )
-        stacks.append(
-            Stack(
-                "redis",
-                f"Redis queue + redis-pubsub layer, {records}",
+        processes = f", {args.processes} daphne processes" if args.processes > 1 else ""
+        gateways: list[Gateway] = []
+        for _ in range(args.processes):
+            gateways.append(
                 Gateway(
-                    database_url=database_url,
+                    # One database for all: without PostgreSQL, the first
+                    # one's SQLite file.
+                    database_url=gateways[0].database_url if gateways else database_url,
                     redis_url=redis.url,
                     access_log=args.access_log,
                     extra_env={"CHANNEL_LAYER": "redis-pubsub"},
-                ),
+                )
+            )
+        stacks.append(
+            Stack(
+                "redis",
+                f"Redis queue + redis-pubsub layer, {records}{processes}",
+                gateways,
                 services,
             )
         )
@@ -259,19 +287,24 @@ def build_stacks(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[
 async def run_phase(stack: Stack, load: Load, phase: str) -> PhaseResult:
     """Connect, publish for ``load.duration``, wait for delivery, check, report."""
     loop = asyncio.get_running_loop()
-    base_url = stack.gateway.base_url
-    server = [stack.pid]
+    base_urls = stack.base_urls
+    ports = stack.ports
+    server = stack.pids
     await settle(server, timeout=SETTLE_TIMEOUT)
     slug = "".join(c for c in phase if c.isalnum())[:8]
     prefix = f"load-{slug}-{secrets.token_hex(3)}"
     names = [job_name(prefix, n) for n in range(load.jobs)]
     slots = {name: n for n, name in enumerate(names)}
 
+    # With several daphne processes, each client process holds its clients
+    # on one of them, in turn.
     procs = [
         ClientProcess(
-            Clients(LOOPBACK, stack.port, count, prefix, load.jobs, load.batch)
+            Clients(
+                LOOPBACK, ports[n % len(ports)], count, prefix, load.jobs, load.batch
+            )
         )
-        for count in split(load.clients, load.client_procs)
+        for n, count in enumerate(split(load.clients, load.client_procs))
     ]
     flooder: FloodProcess | None = None
     try:
@@ -282,18 +315,18 @@ async def run_phase(stack: Stack, load: Load, phase: str) -> PhaseResult:
             for kind, count in j.failures.items():
                 failures[kind] = failures.get(kind, 0) + count
         await settle(server, timeout=SETTLE_TIMEOUT)
-        rss_connected = rss_kib(stack.pid)
+        rss_connected = stack.rss_kib()
 
         stop = asyncio.Event()
         pulls = Pulls()
         workers = asyncio.create_task(
             pull(
-                base_url, workers=load.workers, wait=load.wait, stop=stop, result=pulls
+                base_urls, workers=load.workers, wait=load.wait, stop=stop, result=pulls
             )
         )
         if load.flood:
             flooder = FloodProcess(
-                base_url,
+                base_urls,
                 concurrency=load.flood_concurrency,
                 rate=load.flood_rate,
             )
@@ -305,15 +338,16 @@ async def run_phase(stack: Stack, load: Load, phase: str) -> PhaseResult:
         async def sample_rss() -> None:
             while True:
                 await asyncio.sleep(RSS_EVERY)
-                peak[0] = max(peak[0], rss_kib(stack.pid) or 0)
+                peak[0] = max(peak[0], stack.rss_kib() or 0)
 
         sampler = asyncio.create_task(sample_rss())
         cpu_before = cpu_seconds(server)
         services_before = cpu_seconds(stack.service_pids())
         started = time.time()
         publication = await publish_jobs(
-            base_url,
+            base_urls[0],
             names,
+            also_to=base_urls[1:],
             rate=load.rate,
             gateway=True,
             deadline=loop.time() + load.duration + ANSWER_TIMEOUT,
@@ -330,13 +364,13 @@ async def run_phase(stack: Stack, load: Load, phase: str) -> PhaseResult:
             else None
         )
         sampler.cancel()
-        peak[0] = max(peak[0], rss_kib(stack.pid) or 0)
+        peak[0] = max(peak[0], stack.rss_kib() or 0)
 
         stop.set()
         flood_report = await flooder.stop() if flooder else None
         reports: list[Report] = [await p.stop() for p in procs]
         await workers
-        leftovers = await take_leftovers(base_url)
+        leftovers = await take_leftovers(base_urls[0])
     finally:
         for proc in procs:
             proc.close()
@@ -364,6 +398,7 @@ async def run_phase(stack: Stack, load: Load, phase: str) -> PhaseResult:
     return PhaseResult(
         stack=stack.name,
         phase=phase,
+        processes=len(stack.gateways),
         clients=load.clients,
         connected=connected,
         connect_failures=failures,
@@ -504,6 +539,7 @@ def cost_table(phases: Sequence[PhaseResult]) -> str:
     header = [
         "stack",
         "phase",
+        "daphne processes",
         "clients",
         "workers",
         "measured s",
@@ -518,6 +554,7 @@ def cost_table(phases: Sequence[PhaseResult]) -> str:
         [
             p.stack,
             p.phase,
+            str(p.processes),
             f"{p.connected:,} / {p.clients:,}",
             str(p.workers),
             fmt(p.seconds, 1),
@@ -742,6 +779,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--no-embedded", action="store_true", help="leave the embedded stack out"
     )
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="daphne processes of the Redis stack, sharing clients, workers, "
+        "posts and flood in turn as behind a load balancer (1); the embedded "
+        "stack is one process by design",
+    )
+    parser.add_argument(
         "--access-log",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -766,6 +811,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--client-procs and --flood-concurrency must be at least 1")
     if args.no_embedded and not args.redis:
         parser.error("--no-embedded leaves nothing to run without --redis")
+    if not 1 <= args.processes <= 16:
+        parser.error("--processes must be between 1 and 16")
+    if args.processes > 1 and not args.redis:
+        parser.error("--processes needs --redis: the embedded stack is one process")
+    # Every daphne process gets at least one process of clients.
+    args.client_procs = max(args.client_procs, args.processes)
     return args
 
 
@@ -821,8 +872,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as exits:
         stacks = build_stacks(args, exits)
         for stack in stacks:
-            exits.callback(stack.gateway.close)
-            stack.gateway.start()
+            exits.callback(stack.close)
+            stack.start()
             print(f"[{stack.name}] {stack.label}: warming up...")
             warm = run_client_loop(run_phase(stack, warm_up_load(args), "warm-up"))
             for problem in problems(warm):
@@ -845,7 +896,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"daphne CPU {fmt(result.server_cpu_s, 1)} s; "
                     f"wait ended: {result.wait_ended}"
                 )
-            stack.gateway.close()
+            stack.close()
     phases_run = [p for s in stacks for p in s.phases]
     print(
         "\nLatency: from the POST sent to the frame (or the job) received, every "

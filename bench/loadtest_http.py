@@ -61,7 +61,7 @@ class Pulls:
 
 
 async def pull(
-    base_url: str,
+    base_urls: Sequence[str],
     *,
     workers: int,
     wait: float,
@@ -71,15 +71,19 @@ async def pull(
 ) -> None:
     """Run ``workers`` long-polling loops until ``stop`` is set, filling ``result``.
 
+    The loops take turns over ``base_urls`` (several gateway processes), as
+    connections behind a load balancer would.
+
     Each loop finishes the request it has in flight before it stops: a request
     cut off while the server hands it a job would lose that job on our side,
     not the server's.
     """
     signer = signer or Signer()
-    url = f"{base_url}{NEXT_PATH}?wait={wait:g}"
+    urls = [f"{base_url}{NEXT_PATH}?wait={wait:g}" for base_url in base_urls]
     timeout = aiohttp.ClientTimeout(total=wait + 60.0)
 
     async def worker(session: aiohttp.ClientSession, number: int) -> None:
+        url = urls[number % len(urls)]
         while not stop.is_set():
             result.requests += 1
             try:
@@ -219,7 +223,7 @@ def forged_headers() -> dict[str, str]:
 
 
 async def _flood(
-    conn: Connection, base_url: str, concurrency: int, rate: float
+    conn: Connection, base_urls: Sequence[str], concurrency: int, rate: float
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -234,7 +238,7 @@ async def _flood(
     # With a rate, each connection sends one request per this many seconds.
     interval = concurrency / rate if rate > 0 else 0.0
 
-    async def one(session: aiohttp.ClientSession, kind: str) -> str:
+    async def one(session: aiohttp.ClientSession, kind: str, base_url: str) -> str:
         if kind == "ws":
             try:
                 async with session.ws_connect(
@@ -260,6 +264,7 @@ async def _flood(
 
     async def sender(session: aiohttp.ClientSession, number: int) -> None:
         nonlocal sent
+        base_url = base_urls[number % len(base_urls)]
         next_at = loop.time()
         count = number
         while not stop.is_set():
@@ -269,7 +274,7 @@ async def _flood(
             kind = FLOOD_KINDS[count % len(FLOOD_KINDS)]
             count += 1
             try:
-                answers[await one(session, kind)] += 1
+                answers[await one(session, kind, base_url)] += 1
             except (aiohttp.ClientError, TimeoutError) as exc:
                 answers[type(exc).__name__] += 1
             sent += 1
@@ -293,20 +298,25 @@ async def _flood(
 
 
 def _serve_flood(
-    conn: Connection, base_url: str, concurrency: int, rate: float
+    conn: Connection, base_urls: Sequence[str], concurrency: int, rate: float
 ) -> None:
-    run_async(_flood(conn, base_url, concurrency, rate))
+    run_async(_flood(conn, base_urls, concurrency, rate))
 
 
 class FloodProcess:
-    """The flood, in a process of its own so that it has its own event loop."""
+    """The flood, in a process of its own so that it has its own event loop.
 
-    def __init__(self, base_url: str, *, concurrency: int, rate: float) -> None:
+    Its connections take turns over ``base_urls`` (several gateway processes).
+    """
+
+    def __init__(
+        self, base_urls: Sequence[str], *, concurrency: int, rate: float
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self.process = context.Process(
             target=_serve_flood,
-            args=(child, base_url, concurrency, rate),
+            args=(child, list(base_urls), concurrency, rate),
             name="loadtest-flood",
             daemon=True,
         )

@@ -3,18 +3,22 @@
 A load test that reports "zero lost, zero duplicated" is only worth its
 accounting, so each check here drops, repeats or delays a frame on purpose and
 asserts that the tally notices. One short run through a real daphne checks that
-real frames and pulls are matched job by job. No timing is asserted.
+real frames and pulls are matched job by job, and one through two daphne
+processes on Redis that the load is shared. No timing is asserted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 
+import httpx
 import pytest
 
-from bench.loadtest import Load, Stack, parse_args, run_phase
+from bench.common import Signer
+from bench.loadtest import Load, Stack, build_stacks, load_of, parse_args, run_phase
 from bench.loadtest_http import tally_workers
 from bench.loadtest_ws import LoadClient, LoadPool, Receipt, job_name, tally_ws
 
@@ -215,7 +219,7 @@ def test_a_short_phase_through_daphne_counts_every_frame_and_pull(
     gateway = Gateway(access_log=False)
     try:
         gateway.start()
-        stack = Stack("embedded", "SQLite + in-memory channel layer", gateway)
+        stack = Stack("embedded", "SQLite + in-memory channel layer", [gateway])
         load = Load(
             clients=4,
             workers=2,
@@ -240,3 +244,45 @@ def test_a_short_phase_through_daphne_counts_every_frame_and_pull(
     assert not result.lost_or_duplicated
     assert result.left_in_queue == 0
     assert result.wait_ended == "complete"
+
+
+def _counters(base_url: str) -> dict[str, float]:
+    """This daphne process's own counters, from its ``/metrics``."""
+    answer = httpx.get(base_url + "/metrics", headers=Signer().headers())
+    answer.raise_for_status()
+    counters = {}
+    for line in answer.text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in (
+            "gateway_jobs_published_total",
+            "gateway_delivery_latency_seconds_count",
+        ):
+            counters[name] = float(value)
+    return counters
+
+
+def test_two_daphne_processes_on_redis_share_the_load_and_lose_nothing() -> None:
+    """``--processes 2``: posts, clients and workers on both; all accounted."""
+    stack_args = ["--redis", "--no-embedded", "--no-postgres", "--processes", "2"]
+    load_args = ["--clients", "4", "--workers", "2", "--rate", "10", "--duration", "1"]
+    args = parse_args([*stack_args, *load_args, "--wait", "2"])
+    with contextlib.ExitStack() as exits:
+        [stack] = build_stacks(args, exits)
+        exits.callback(stack.close)
+        stack.start()
+        result = asyncio.run(run_phase(stack, load_of(args, flood=False), "smoke"))
+        counters = [_counters(url) for url in stack.base_urls]
+
+    assert result.processes == 2
+    assert result.connected == 4
+    assert result.jobs_accepted == 10
+    assert (result.ws_expected, result.ws_delivered) == (40, 40)
+    assert result.pulled == 10
+    assert not result.lost_or_duplicated
+    for own in counters:
+        # The posts took turns; each process pushed every job to its own
+        # clients (its first delivery of each), wherever the job was posted.
+        assert own == {
+            "gateway_jobs_published_total": 5.0,
+            "gateway_delivery_latency_seconds_count": 10.0,
+        }
