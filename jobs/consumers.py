@@ -14,6 +14,7 @@ import time
 from typing import Any, Literal, TypedDict
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
@@ -91,6 +92,18 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     # rather than a high-water mark. At or below replay_floor: all replayed.
     replayed: set[int]
     replay_floor: int
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # Channels' own dispatch, less its aclose_old_connections(): a hop to
+        # the one thread that runs thread-sensitive code, for every handshake,
+        # frame and disconnect, to tidy that thread's database connections.
+        # This consumer's database work runs in jobs.db's worker threads,
+        # which check their own; the hop cost a refused handshake most of its
+        # CPU and queued every connect behind that one thread.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def connect(self) -> None:
         self.job_filter = JobFilter()

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
+import channels.consumer
 import httpx
 import pytest
 from channels.layers import get_channel_layer
@@ -121,6 +122,23 @@ async def test_ping_gets_pong() -> None:
         assert pong["type"] == "pong"
         assert abs(pong["server_time"] - time.time()) < 5
         assert await communicator.receive_nothing()
+
+
+async def test_messages_are_handled_without_a_hop_to_the_sync_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Channels would tidy its sync thread's connections before each message."""
+    hops: list[None] = []
+
+    async def counted() -> None:
+        hops.append(None)
+
+    monkeypatch.setattr(channels.consumer, "aclose_old_connections", counted)
+    async with ws() as communicator:
+        await communicator.send_json_to({"type": "ping"})
+        assert (await communicator.receive_json_from())["type"] == "pong"
+    assert not await handshake(headers=[(b"x-api-key", b"wrong")])
+    assert hops == []
 
 
 @pytest.mark.parametrize(
