@@ -24,6 +24,7 @@ import asyncio
 import json
 import logging
 import secrets
+import threading
 import weakref
 from typing import Any, NamedTuple
 
@@ -172,6 +173,9 @@ def _woken(future: asyncio.Future[Woken]) -> Woken | None:
 _signals: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Signal] = (
     weakref.WeakKeyDictionary()
 )
+# Loops add their signal from their own threads while an admin's thread may
+# be copying the lot (announce_from_sync): a copy must not meet an insert.
+_signals_lock = threading.Lock()
 
 
 def signal() -> Signal:
@@ -179,7 +183,8 @@ def signal() -> Signal:
     loop = asyncio.get_running_loop()
     found = _signals.get(loop)
     if found is None:
-        found = _signals[loop] = Signal()
+        with _signals_lock:
+            found = _signals.setdefault(loop, Signal())
     return found
 
 
@@ -238,7 +243,9 @@ def announce_from_sync() -> None:
         except Exception as exc:
             logger.warning("could not wake long-polls: %s", exc)
         return
-    for loop, target in list(_signals.items()):
+    with _signals_lock:
+        targets = list(_signals.items())
+    for loop, target in targets:
         if not loop.is_closed():
             loop.call_soon_threadsafe(target.fire)
 
