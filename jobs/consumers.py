@@ -98,8 +98,8 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         # the one thread that runs thread-sensitive code, for every handshake,
         # frame and disconnect, to tidy that thread's database connections.
         # This consumer's database work runs in jobs.db's worker threads,
-        # which check their own; the hop cost a refused handshake most of its
-        # CPU and queued every connect behind that one thread.
+        # which check their own. The hop was about a sixth of a refused
+        # handshake's CPU, and queued every connect behind that one thread.
         handler = getattr(self, get_handler_name(message), None)
         if handler is None:
             raise ValueError(f"No handler for message type {message['type']}")
