@@ -208,13 +208,12 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             frames = self._frames(jobs)
         for frame in frames:
             await self.send(text_data=frame)
-        if jobs is not batch.jobs:
-            for job in jobs:
-                deliveries.sent(job)  # the dashboard's and the metric's
-        elif not batch.sent:
+        if jobs is batch.jobs:
+            if batch.sent:
+                return
             batch.sent = True  # the batch's first client notes it for all
-            for job in jobs:
-                deliveries.sent(job)
+        for job in jobs:
+            deliveries.sent(job)  # the dashboard's and the metric's
 
     def _is_new(self, job_id: int) -> bool:
         """Whether a live job was not replayed to this client already."""
