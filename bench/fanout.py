@@ -360,7 +360,9 @@ async def _phase(
         jobs_accepted=len(publication.accepted),
         publish_errors=dict(publication.errors),
         post_p50_ms=percentile(
-            sorted(publication.answer_ms), 50, missing=len(publication.unanswered)
+            sorted(publication.answer_ms.values()),
+            50,
+            missing=len(publication.unanswered),
         ),
         expected=counted.expected,
         delivered=len(latencies),

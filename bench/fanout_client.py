@@ -342,7 +342,8 @@ class Publication:
     accepted: set[str] = field(default_factory=set)
     # Posted, but not answered by the deadline: they may still be delivered.
     unanswered: set[str] = field(default_factory=set)
-    answer_ms: list[float] = field(default_factory=list)
+    # Each answered job's time from its POST sent to the answer received.
+    answer_ms: dict[str, float] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
 
     def fail(self, what: str) -> None:
@@ -402,7 +403,7 @@ async def publish_jobs(
             on_refused()
             return
         result.unanswered.discard(job_id)
-        result.answer_ms.append((time.time() - sent_at) * 1000.0)
+        result.answer_ms[job_id] = (time.time() - sent_at) * 1000.0
         if status in (200, 201) and json.loads(payload).get("queued") is True:
             result.accepted.add(job_id)
         else:

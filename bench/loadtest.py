@@ -5,19 +5,23 @@
     python -m bench.loadtest --redis      # adds Redis (+ PostgreSQL) after embedded
     python -m bench.loadtest --redis --no-embedded --processes 2
 
-For each stack, two phases on one gateway (daphne; with ``--processes``, the
+For each stack, three phases on one gateway (daphne; with ``--processes``, the
 Redis stack runs several, sharing the load in turn): N WebSocket clients hold
 ``/ws`` open and W workers hold signed ``GET /job/next?wait=S`` long-polls while
 jobs are published through signed ``POST /job`` at R per second for D seconds.
 The second phase adds a flood: many concurrent requests to the same endpoints
-with a wrong ``X-SIGNATURE`` (and ``/ws`` handshakes with a wrong key).
+with a wrong ``X-SIGNATURE`` (and ``/ws`` handshakes with a wrong key). The
+third turns that flood on and off by turns (off, on, on, off, ...), so that the
+jobs posted with it on and those posted with it off share the same minutes of
+a noisy machine and the same state of the server.
 
 Checked, job by job: every accepted job pulled by exactly one worker, and
 pushed to every WebSocket client exactly once. Measured: delivery latency from
 publish (the ``POST`` sent) to WebSocket client and to worker, p50 and p99;
-daphne's CPU time and resident memory; and the flood phase's throughput and
-latency against the first phase's (target: no more than 20 % slower). Clients,
-workers, publisher and flood run on the same machine as the server.
+daphne's CPU time and resident memory; and the valid traffic's throughput and
+latency with the flood against without it (target: no more than 20 % slower),
+phase against phase and turn against turn. Clients, workers, publisher and
+flood run on the same machine as the server.
 
 Exit status 1 if any job was lost or duplicated (or a forged request was
 admitted); a missed slow-down target is reported but does not fail the run.
@@ -43,7 +47,7 @@ from urllib.parse import urlsplit
 from bench.common import RESULTS_DIR, fmt, format_table, machine_summary, ratio
 from bench.common import run_async as run_client_loop
 from bench.fanout import percentile, raise_file_limit
-from bench.fanout_client import publish_jobs
+from bench.fanout_client import Publication, publish_jobs
 from bench.fanout_proc import cpu_seconds, rss_kib, settle
 from bench.gateway import Gateway, PostgresDatabase
 from bench.loadtest_http import (
@@ -57,6 +61,7 @@ from bench.loadtest_http import (
 from bench.loadtest_ws import (
     ClientProcess,
     Clients,
+    Receipt,
     Report,
     job_name,
     split,
@@ -77,6 +82,12 @@ ANSWER_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 20.0
 # Let the flood reach its pace before the measured phase starts.
 FLOOD_RAMP = 1.0
+# The flood's turns, repeated: each pair of turns in the opposite order to the
+# pair before, so that a drift over the phase weighs on both sides alike.
+TURN_ORDER = (False, True, True, False)
+# Jobs posted in a turn's first seconds are left out of both sides: the queues
+# still hold the turn before's traffic. At most a quarter of a turn.
+TURN_SETTLE = 2.0
 PROGRESS_EVERY = 0.25
 RSS_EVERY = 1.0
 
@@ -96,10 +107,50 @@ class Load:
     flood_concurrency: int
     flood_rate: float
     drain_timeout: float
+    # With a flood: in this many turns, off and on (0: on all along).
+    turns: int = 0
 
     @property
     def jobs(self) -> int:
         return max(1, round(self.rate * self.duration))
+
+    @property
+    def turn_seconds(self) -> float:
+        return self.duration / self.turns if self.turns else self.duration
+
+    def flooded_at(self, offset: float) -> bool | None:
+        """Whether a job posted ``offset`` s into publishing had the flood on.
+
+        None for a job posted while the queues settle into a new turn, or out
+        of the turns altogether.
+        """
+        if not self.turns:
+            return self.flood
+        number = math.floor(offset / self.turn_seconds)
+        if not 0 <= number < self.turns:
+            return None
+        settle = min(TURN_SETTLE, self.turn_seconds / 4)
+        if offset - number * self.turn_seconds < settle:
+            return None
+        return TURN_ORDER[number % len(TURN_ORDER)]
+
+
+@dataclass(frozen=True)
+class Side:
+    """The valid traffic posted with the flood on, or with it off (by turns)."""
+
+    jobs_posted: int
+    jobs_accepted: int
+    ws_p50_ms: float | None
+    ws_p99_ms: float | None
+    pull_p50_ms: float | None
+    pull_p99_ms: float | None
+    post_p50_ms: float | None
+    post_p99_ms: float | None
+
+    @property
+    def accepted_share(self) -> float | None:
+        return ratio(self.jobs_accepted, self.jobs_posted)
 
 
 @dataclass
@@ -150,6 +201,9 @@ class PhaseResult:
     rss_peak_kib: int | None
     client_cpu_s: float
     flood: dict[str, object] | None = None
+    # With the flood in turns: the jobs posted with it on, and with it off.
+    flood_on: Side | None = None
+    flood_off: Side | None = None
 
     @property
     def lost_or_duplicated(self) -> bool:
@@ -344,6 +398,11 @@ async def run_phase(stack: Stack, load: Load, phase: str) -> PhaseResult:
         cpu_before = cpu_seconds(server)
         services_before = cpu_seconds(stack.service_pids())
         started = time.time()
+        turns = (
+            asyncio.create_task(take_turns(flooder, load, started))
+            if flooder and load.turns
+            else None
+        )
         publication = await publish_jobs(
             base_urls[0],
             names,
@@ -352,6 +411,10 @@ async def run_phase(stack: Stack, load: Load, phase: str) -> PhaseResult:
             gateway=True,
             deadline=loop.time() + load.duration + ANSWER_TIMEOUT,
         )
+        if turns is not None:
+            turns.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await turns
         ended = await _wait_for_delivery(
             procs, pulls, connected, len(publication.accepted), load.drain_timeout
         )
@@ -378,8 +441,24 @@ async def run_phase(stack: Stack, load: Load, phase: str) -> PhaseResult:
             flooder.close()
 
     sent_at = [publication.sent_at.get(name, math.nan) for name in names]
+    receipts = [receipt for report in reports for receipt in report.receipts]
+    sides: dict[bool, Side] = {}
+    if load.turns:
+        for flooded in (True, False):
+            sides[flooded] = side_of(
+                [
+                    name
+                    for name, at in publication.sent_at.items()
+                    if load.flooded_at(at - started) is flooded
+                ],
+                slots,
+                publication,
+                receipts,
+                pulls.claims,
+                until=until,
+            )
     ws = tally_ws(
-        [receipt for report in reports for receipt in report.receipts],
+        receipts,
         sent_at,
         expected=[slots[name] for name in publication.accepted],
         uncertain=[slots[name] for name in publication.unanswered],
@@ -393,7 +472,7 @@ async def run_phase(stack: Stack, load: Load, phase: str) -> PhaseResult:
         until=until,
         leftovers=leftovers,
     )
-    answers = sorted(publication.answer_ms)
+    answers = sorted(publication.answer_ms.values())
     unanswered = len(publication.unanswered)
     return PhaseResult(
         stack=stack.name,
@@ -440,6 +519,73 @@ async def run_phase(stack: Stack, load: Load, phase: str) -> PhaseResult:
         rss_peak_kib=peak[0] or None,
         client_cpu_s=sum(r.cpu_seconds for r in reports),
         flood=_flood_summary(flood_report),
+        flood_on=sides.get(True),
+        flood_off=sides.get(False),
+    )
+
+
+async def take_turns(flooder: FloodProcess, load: Load, started: float) -> None:
+    """Pause and resume the flood turn by turn from ``started`` (epoch seconds)."""
+    for number in range(load.turns):
+        if TURN_ORDER[number % len(TURN_ORDER)]:
+            flooder.resume()
+        else:
+            flooder.pause()
+        turn_ends = started + (number + 1) * load.turn_seconds
+        await asyncio.sleep(max(0.0, turn_ends - time.time()))
+
+
+def side_of(
+    names: Sequence[str],
+    slots: dict[str, int],
+    publication: Publication,
+    receipts: Sequence[Receipt],
+    claims: Sequence[tuple[str, float, int]],
+    *,
+    until: float,
+) -> Side:
+    """Latencies of the jobs ``names`` only: to every client, to a worker, of the POST.
+
+    As for the whole phase, a job not in by ``until`` counts as an infinite
+    latency, and so does a POST never answered.
+    """
+    accepted = [name for name in names if name in publication.accepted]
+    sent_at = publication.sent_at
+    ws_ms: list[float] = []
+    ws_missing = 0
+    for receipt in receipts:
+        for name in accepted:
+            arrived = receipt.arrivals[slots[name]]
+            if math.isnan(arrived) or arrived > until:
+                ws_missing += 1
+            else:
+                ws_ms.append((arrived - sent_at[name]) * 1000.0)
+    first_pull: dict[str, float] = {}
+    for job_id, arrived, _ in claims:
+        if arrived <= until:
+            first_pull.setdefault(job_id, arrived)
+    pull_ms = [
+        (first_pull[name] - sent_at[name]) * 1000.0
+        for name in accepted
+        if name in first_pull
+    ]
+    post_ms = [
+        publication.answer_ms[name] for name in names if name in publication.answer_ms
+    ]
+    ws_ms.sort()
+    pull_ms.sort()
+    post_ms.sort()
+    pull_missing = len(accepted) - len(pull_ms)
+    post_missing = len(names) - len(post_ms)
+    return Side(
+        jobs_posted=len(names),
+        jobs_accepted=len(accepted),
+        ws_p50_ms=percentile(ws_ms, 50, missing=ws_missing),
+        ws_p99_ms=percentile(ws_ms, 99, missing=ws_missing),
+        pull_p50_ms=percentile(pull_ms, 50, missing=pull_missing),
+        pull_p99_ms=percentile(pull_ms, 99, missing=pull_missing),
+        post_p50_ms=percentile(post_ms, 50, missing=post_missing),
+        post_p99_ms=percentile(post_ms, 99, missing=post_missing),
     )
 
 
@@ -621,12 +767,36 @@ def compare(quiet: PhaseResult, flooded: PhaseResult) -> list[Comparison]:
     ]
 
 
+def compare_sides(phase: PhaseResult) -> list[Comparison]:
+    """The flood in turns: the jobs posted with it on against those with it off."""
+    off, on = phase.flood_off, phase.flood_on
+    if off is None or on is None:
+        return []
+    return [
+        Comparison("jobs accepted", off.accepted_share, on.accepted_share, True),
+        Comparison("WS p50", off.ws_p50_ms, on.ws_p50_ms, False),
+        Comparison("WS p99", off.ws_p99_ms, on.ws_p99_ms, False),
+        Comparison("pull p50", off.pull_p50_ms, on.pull_p50_ms, False),
+        Comparison("pull p99", off.pull_p99_ms, on.pull_p99_ms, False),
+        Comparison("POST p50", off.post_p50_ms, on.post_p50_ms, False),
+    ]
+
+
 def comparison_lines(stack: Stack) -> list[str]:
+    lines = []
     quiet = next((p for p in stack.phases if p.phase == "no flood"), None)
     flooded = next((p for p in stack.phases if p.phase == "flood"), None)
-    if quiet is None or flooded is None:
-        return []
-    checks = compare(quiet, flooded)
+    if quiet is not None and flooded is not None:
+        lines += _verdict_lines(
+            f"{stack.name}: flood / no flood", compare(quiet, flooded)
+        )
+    for phase in stack.phases:
+        if checks := compare_sides(phase):
+            lines += _verdict_lines(f"{stack.name}: flood on / off, by turns", checks)
+    return lines
+
+
+def _verdict_lines(what: str, checks: Sequence[Comparison]) -> list[str]:
     parts = [
         f"{c.name} {fmt(c.ratio, 2, 'x')}" + ("" if c.met in (True, None) else " (!)")
         for c in checks
@@ -639,11 +809,36 @@ def comparison_lines(stack: Stack) -> list[str]:
             "did not deliver everything, so its percentile is infinite)"
         )
     return [
-        f"  {stack.name}: flood / no flood: " + ", ".join(parts),
-        f"  {stack.name}: valid traffic slowed by at most "
+        f"  {what}: " + ", ".join(parts),
+        f"  {what}: valid traffic slowed by at most "
         f"{SLOWDOWN_LIMIT:.0%} (throughput >= {1 - SLOWDOWN_LIMIT:g}x, latency <= "
         f"{1 + SLOWDOWN_LIMIT:g}x): {verdict}",
     ]
+
+
+def sides_table(phases: Sequence[PhaseResult]) -> str:
+    header = [
+        "stack",
+        "flood",
+        "jobs accepted / posted",
+        "WS p50 / p99 ms",
+        "pull p50 / p99 ms",
+        "POST p50 / p99 ms",
+    ]
+    rows = [
+        [
+            p.stack,
+            name,
+            f"{side.jobs_accepted:,} / {side.jobs_posted:,}",
+            _pair(side.ws_p50_ms, side.ws_p99_ms),
+            _pair(side.pull_p50_ms, side.pull_p99_ms),
+            _pair(side.post_p50_ms, side.post_p99_ms),
+        ]
+        for p in phases
+        for name, side in (("off", p.flood_off), ("on", p.flood_on))
+        if side is not None
+    ]
+    return format_table(header, rows)
 
 
 def problems(phase: PhaseResult) -> list[str]:
@@ -693,6 +888,14 @@ def save(
                 {"name": c.name, "ratio": c.ratio, "met": c.met}
                 for quiet, flooded in _pairs(s)
                 for c in compare(quiet, flooded)
+            ]
+            for s in stacks
+        },
+        "comparisons_by_turns": {
+            s.name: [
+                {"name": c.name, "ratio": c.ratio, "met": c.met}
+                for p in s.phases
+                for c in compare_sides(p)
             ]
             for s in stacks
         },
@@ -762,6 +965,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-flood", action="store_true", help="the first phase only")
     parser.add_argument(
+        "--turns",
+        type=int,
+        default=8,
+        help="turns of the third phase's flood, off and on (8; a multiple of 4 "
+        "balances them; 0 leaves the phase out)",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=60.0,
@@ -807,6 +1017,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--rate must be in (0, 1000] and --duration in (0, 3600]")
     if not 0 <= args.wait <= 30:
         parser.error("--wait must be between 0 and 30 (the contract's range)")
+    if args.turns and not 2 <= args.turns <= 1_000:
+        parser.error("--turns must be 0 or between 2 and 1,000")
     if args.client_procs < 1 or args.flood_concurrency < 1:
         parser.error("--client-procs and --flood-concurrency must be at least 1")
     if args.no_embedded and not args.redis:
@@ -820,7 +1032,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def load_of(args: argparse.Namespace, *, flood: bool) -> Load:
+def load_of(args: argparse.Namespace, *, flood: bool, turns: int = 0) -> Load:
     return Load(
         clients=args.clients,
         workers=args.workers,
@@ -833,6 +1045,7 @@ def load_of(args: argparse.Namespace, *, flood: bool) -> Load:
         flood_concurrency=args.flood_concurrency,
         flood_rate=args.flood_rate,
         drain_timeout=args.drain_timeout,
+        turns=turns,
     )
 
 
@@ -878,12 +1091,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             warm = run_client_loop(run_phase(stack, warm_up_load(args), "warm-up"))
             for problem in problems(warm):
                 print(f"  warm-up problem: {problem}")
-            phases = [("no flood", False)] + (
-                [] if args.no_flood else [("flood", True)]
-            )
-            for name, flood in phases:
+            phases = [("no flood", False, 0)]
+            if not args.no_flood:
+                phases.append(("flood", True, 0))
+                if args.turns:
+                    phases.append(("flood in turns", True, args.turns))
+            for name, flood, turns in phases:
                 result = run_client_loop(
-                    run_phase(stack, load_of(args, flood=flood), name)
+                    run_phase(stack, load_of(args, flood=flood, turns=turns), name)
                 )
                 stack.phases.append(result)
                 print(
@@ -909,6 +1124,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(results_table(phases_run))
     print()
     print(cost_table(phases_run))
+    if any(p.flood_on for p in phases_run):
+        print(
+            "\nThe flood in turns: the jobs posted with it on, and with it off "
+            f"(a turn's first {TURN_SETTLE:g} s left out of both):"
+        )
+        print(sides_table(phases_run))
     print("\nFlood against no flood (valid traffic only):")
     for stack in stacks:
         for line in comparison_lines(stack):

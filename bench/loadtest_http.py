@@ -188,9 +188,10 @@ def tally_workers(
 
 @dataclass(frozen=True)
 class FloodReport:
-    """What the flood sent and what it got back."""
+    """What the flood sent and what it got back, and for how long it sent."""
 
     requests: int
+    # Time spent flooding: paused turns not counted.
     seconds: float
     answers: dict[str, int]
     cpu_seconds: float
@@ -227,10 +228,27 @@ async def _flood(
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    # Cleared while paused ("pause", then "resume"); set again by "stop" so
+    # that paused senders see it.
+    flooding = asyncio.Event()
+    flooding.set()
+    on_since: float | None = time.perf_counter()
+    flooded = 0.0
 
     def on_command() -> None:
-        loop.remove_reader(conn.fileno())
-        stop.set()
+        nonlocal on_since, flooded
+        command = conn.recv()
+        if command == "pause" and on_since is not None:
+            flooded += time.perf_counter() - on_since
+            on_since = None
+            flooding.clear()
+        elif command == "resume" and on_since is None:
+            on_since = time.perf_counter()
+            flooding.set()
+        elif command == "stop":
+            loop.remove_reader(conn.fileno())
+            stop.set()
+            flooding.set()
 
     loop.add_reader(conn.fileno(), on_command)
     answers: Counter[str] = Counter()
@@ -268,6 +286,10 @@ async def _flood(
         next_at = loop.time()
         count = number
         while not stop.is_set():
+            if not flooding.is_set():
+                await flooding.wait()
+                next_at = loop.time()
+                continue
             if interval:
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - loop.time()))
@@ -281,16 +303,16 @@ async def _flood(
 
     timeout = aiohttp.ClientTimeout(total=30.0)
     connector = aiohttp.TCPConnector(limit=concurrency)
-    started = time.perf_counter()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         conn.send("started")
         await asyncio.gather(*(sender(session, n) for n in range(concurrency)))
+    if on_since is not None:
+        flooded += time.perf_counter() - on_since
     os.set_blocking(conn.fileno(), True)  # the event loop made it non-blocking
-    conn.recv()  # the stop command
     conn.send(
         FloodReport(
             requests=sent,
-            seconds=time.perf_counter() - started,
+            seconds=flooded,
             answers=dict(answers),
             cpu_seconds=time.process_time(),
         )
@@ -332,6 +354,13 @@ class FloodProcess:
     async def started(self) -> None:
         """Wait until the flood is under way."""
         await self._answer(60.0)
+
+    def pause(self) -> None:
+        """Stop sending new requests until ``resume()`` (those in flight finish)."""
+        self._conn.send("pause")
+
+    def resume(self) -> None:
+        self._conn.send("resume")
 
     async def stop(self) -> FloodReport:
         """Stop flooding; return what was sent and answered."""

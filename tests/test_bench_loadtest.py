@@ -4,7 +4,8 @@ A load test that reports "zero lost, zero duplicated" is only worth its
 accounting, so each check here drops, repeats or delays a frame on purpose and
 asserts that the tally notices. One short run through a real daphne checks that
 real frames and pulls are matched job by job, and one through two daphne
-processes on Redis that the load is shared. No timing is asserted.
+processes on Redis that the load is shared; one with the flood in turns that
+the flood pauses and each side is tallied apart. No timing is asserted.
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ import httpx
 import pytest
 
 from bench.common import Signer
-from bench.loadtest import Load, Stack, build_stacks, load_of, parse_args, run_phase
+from bench.fanout_client import Publication
+from bench.loadtest import (
+    FLOOD_RAMP,
+    Load,
+    Stack,
+    build_stacks,
+    compare_sides,
+    load_of,
+    parse_args,
+    run_phase,
+    side_of,
+)
 from bench.loadtest_http import tally_workers
 from bench.loadtest_ws import LoadClient, LoadPool, Receipt, job_name, tally_ws
 
@@ -200,6 +212,108 @@ def test_workers_a_job_pulled_twice_or_never_is_caught() -> None:
     # job-2 pulled after the wait, job-3 found still queued: both lost, late.
     assert (tally.missing, tally.late) == (2, 2)
     assert (tally.duplicated, tally.unexpected) == (1, 1)
+
+
+def turns_load(**overrides: object) -> Load:
+    settings: dict[str, object] = {
+        "clients": 4,
+        "workers": 2,
+        "rate": 10.0,
+        "duration": 8.0,
+        "wait": 2.0,
+        "client_procs": 1,
+        "batch": True,
+        "flood": True,
+        "flood_concurrency": 2,
+        "flood_rate": 0.0,
+        "drain_timeout": 30.0,
+        "turns": 4,
+    }
+    settings.update(overrides)
+    return Load(**settings)  # type: ignore[arg-type]
+
+
+def test_the_flood_takes_turns_off_on_on_off_and_each_turn_settles_first() -> None:
+    load = turns_load()  # four turns of 2 s; the first 0.5 s of each left out
+    assert load.turn_seconds == 2.0
+    sides = [load.flooded_at(offset) for offset in (0.6, 2.6, 4.6, 6.6)]
+    assert sides == [False, True, True, False]
+    for settling in (0.0, 0.4, 2.1, 6.4):
+        assert load.flooded_at(settling) is None
+    assert load.flooded_at(-0.1) is None
+    assert load.flooded_at(8.1) is None
+    # Without turns, the whole phase is one side.
+    assert turns_load(turns=0).flooded_at(3.0) is True
+    assert turns_load(turns=0, flood=False).flooded_at(3.0) is False
+
+
+def test_a_side_counts_only_its_own_jobs_and_every_loss_as_infinite() -> None:
+    names = [job_name(PREFIX, n) for n in range(JOBS)]
+    slots = {name: n for n, name in enumerate(names)}
+    publication = Publication(
+        sent_at=dict(zip(names, sent_times(), strict=True)),
+        accepted=set(names[:4]),
+        unanswered={names[4]},
+        answer_ms={name: 10.0 * (n + 1) for n, name in enumerate(names[:4])},
+    )
+    receipts = receipts_with_every_frame()
+    claims = [
+        (name, sent + 0.5, 0) for name, sent in zip(names, sent_times(), strict=True)
+    ]
+
+    mine = side_of(names[:2], slots, publication, receipts, claims, until=math.inf)
+    assert (mine.jobs_posted, mine.jobs_accepted) == (2, 2)
+    assert (mine.ws_p50_ms, mine.ws_p99_ms) == (250.0, 250.0)
+    assert (mine.pull_p50_ms, mine.pull_p99_ms) == (500.0, 500.0)
+    assert (mine.post_p50_ms, mine.post_p99_ms) == (10.0, 20.0)
+
+    # Job 2 never reached the first client, job 3 no worker, job 4 no answer.
+    receipts[0].arrivals[2] = math.nan
+    theirs = side_of(
+        names[2:], slots, publication, receipts, claims[:3], until=math.inf
+    )
+    assert (theirs.jobs_posted, theirs.jobs_accepted) == (3, 2)
+    assert theirs.ws_p99_ms == math.inf
+    assert theirs.pull_p99_ms == math.inf
+    assert theirs.post_p99_ms == math.inf
+    assert theirs.accepted_share == pytest.approx(2 / 3)
+
+
+def test_a_short_phase_with_the_flood_in_turns_tallies_each_side() -> None:
+    """A real flood, paused and resumed on schedule, against a real daphne."""
+    from bench.gateway import Gateway
+
+    gateway = Gateway(access_log=False)
+    load = turns_load(duration=2.0)  # turns of 0.5 s
+    try:
+        gateway.start()
+        stack = Stack("embedded", "SQLite + in-memory channel layer", [gateway])
+        result = asyncio.run(run_phase(stack, load, "flood in turns"))
+    finally:
+        gateway.close()
+
+    assert result.jobs_accepted == 20
+    assert not result.lost_or_duplicated
+    on, off = result.flood_on, result.flood_off
+    assert on is not None and off is not None
+    # Two turns a side of 5 jobs each, less those posted while the turn
+    # settled (its first 0.125 s: one job, or two when the posts run early).
+    for side in (on, off):
+        assert 6 <= side.jobs_posted <= 8
+        assert side.jobs_accepted == side.jobs_posted
+    # Every job in on both sides: each figure compares, turn against turn.
+    checks = compare_sides(result)
+    assert len(checks) == 6
+    assert all(check.ratio is not None for check in checks)
+    flood = result.flood
+    assert flood is not None
+    assert flood["admitted"] == 0 and flood["requests"]
+    # Flooding all along would have lasted the ramp, the publishing and the
+    # wait for delivery; paused for half the turns and from the last turn on,
+    # it flooded for the ramp and two turns.
+    flooded = flood["seconds"]
+    assert isinstance(flooded, float)
+    assert flooded < FLOOD_RAMP + load.duration
 
 
 def test_quick_is_a_small_run() -> None:
