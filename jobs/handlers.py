@@ -95,4 +95,19 @@ class ApiHandler(ASGIHandler):
         except asyncio.CancelledError:
             pass  # the client left while the answer was being sent
         finally:
-            response.close()
+            _close(response)
+
+
+def _close(response: HttpResponseBase) -> None:
+    """``response.close()`` less its ``request_finished`` signal.
+
+    The signal's receivers close the calling thread's database connections and
+    caches, and the event loop's thread has none (``jobs.db``): about 50 µs of
+    every request, forged ones included, for nothing.
+    """
+    closers = response._resource_closers  # type: ignore[attr-defined]
+    for closer in closers:
+        with contextlib.suppress(Exception):
+            closer()
+    closers.clear()
+    response.closed = True

@@ -175,3 +175,36 @@ async def test_refusals_are_answered_in_the_view_and_logged_once(
     )
     assert handled_as_exceptions == []
     assert not [r for r in caplog.records if r.name == "django.request"]
+
+
+async def test_api_requests_send_no_request_signals_and_are_closed(
+    api: httpx.AsyncClient, sign: Sign, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API skips Django's request signals but still closes each request."""
+    from django.core.signals import request_finished, request_started
+    from django.http import HttpRequest
+
+    signalled: list[object] = []
+
+    def receiver(sender: object, **kwargs: object) -> None:
+        signalled.append(sender)
+
+    closed: list[HttpRequest] = []
+    real_close = HttpRequest.close
+
+    def close(self: HttpRequest) -> None:
+        closed.append(self)
+        real_close(self)
+
+    monkeypatch.setattr(HttpRequest, "close", close)
+    request_started.connect(receiver)
+    request_finished.connect(receiver)
+    try:
+        assert (await api.get("/job/next", headers=sign())).status_code == 204
+        forged = {**sign(), "X-SIGNATURE": "0" * 64}
+        assert_error(await api.get("/job/next", headers=forged), 401, "bad_signature")
+    finally:
+        request_started.disconnect(receiver)
+        request_finished.disconnect(receiver)
+    assert signalled == []
+    assert len(closed) == 2
