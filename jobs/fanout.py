@@ -228,9 +228,9 @@ class Hub:
                 await layer.group_add(groups.ALL_JOBS, channel)
                 rejoin_at = loop.time() + REJOIN_SECONDS
                 continue
-            if message.get("type") == "job.published":
+            for job in groups.published_jobs(message):
                 # A full inbox leaves the jobs behind it in the layer.
-                await inbox.put(message["job"])
+                await inbox.put(job)
 
     async def _write(self, inbox: asyncio.Queue[dict[str, Any]]) -> None:
         loop = asyncio.get_running_loop()

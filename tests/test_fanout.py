@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from channels.layers import get_channel_layer
 
-from jobs import fanout, services
+from jobs import fanout, groups, services
 
 # Far past the channel layers' default capacity of 100 messages per channel.
 BURST = 500
@@ -93,5 +93,47 @@ async def test_a_job_the_hub_cannot_dispatch_does_not_stop_the_next() -> None:
         assert client.ids == [7]
     finally:
         fanout.logger.removeHandler(noted)
+        assert hub._task is not None
+        hub._task.cancel()
+
+
+async def test_jobs_published_while_a_message_is_in_flight_go_out_together(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One channel-layer message at a time; those that queued up share the next."""
+    layer = get_channel_layer()
+    real_group_send = layer.group_send
+    messages: list[dict[str, object]] = []
+    in_flight = asyncio.Event()
+    release = asyncio.Event()
+
+    async def held_group_send(group: str, message: dict[str, object]) -> None:
+        messages.append(message)
+        if len(messages) == 1:
+            in_flight.set()
+            await release.wait()
+        await real_group_send(group, message)
+
+    monkeypatch.setattr(layer, "group_send", held_group_send)
+    jobs = [{"id": job_id, "channel": "api"} for job_id in (1, 2, 3, 4)]
+    hub = fanout.Hub()
+    client = Recorder()
+    await hub.attach(client)
+    try:
+        first = asyncio.create_task(services.broadcast(jobs[0]))
+        await in_flight.wait()
+        rest = [asyncio.create_task(services.broadcast(job)) for job in jobs[1:]]
+        # One turn of the loop: each task queues its job, then waits for it.
+        await asyncio.sleep(0)
+        assert not any(task.done() for task in rest)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+        assert messages == [groups.published(jobs[:1]), groups.published(jobs[1:])]
+        assert messages[1]["type"] == "jobs.published"
+        # The hub takes a message of several jobs apart, in order.
+        while client.ids != [1, 2, 3, 4]:
+            client.arrived.clear()
+            await asyncio.wait_for(client.arrived.wait(), 10)
+    finally:
         assert hub._task is not None
         hub._task.cancel()

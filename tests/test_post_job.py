@@ -149,7 +149,8 @@ async def broadcasts() -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
     async def pump() -> None:
         while True:
             message = await layer.receive(channel)
-            await received.put(message["job"])
+            for job in groups.published_jobs(message):
+                await received.put(job)
 
     task = asyncio.create_task(pump())
     try:
