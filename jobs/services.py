@@ -97,22 +97,37 @@ class _Broadcaster:
 
     async def _send_waiting(self) -> None:
         layer = get_channel_layer()
-        while self._waiting:
-            batch = self._waiting[:MAX_JOBS_PER_MESSAGE]
-            del self._waiting[: len(batch)]
-            jobs = [job for job, _ in batch]
-            try:
-                if layer is not None:
-                    await layer.group_send(groups.ALL_JOBS, groups.published(jobs))
-            except Exception as exc:
-                logger.warning(
-                    "could not broadcast jobs %s: %s",
-                    ", ".join(str(job["id"]) for job in jobs),
-                    exc,
-                )
-            for _, sent in batch:
-                if not sent.done():
-                    sent.set_result(None)
+        try:
+            while self._waiting:
+                batch = self._waiting[:MAX_JOBS_PER_MESSAGE]
+                del self._waiting[: len(batch)]
+                try:
+                    await _send(layer, [job for job, _ in batch])
+                finally:
+                    _release(batch)
+        finally:
+            # Cancelled (the process is stopping): nobody waits for it.
+            _release(self._waiting)
+            self._waiting.clear()
+
+
+async def _send(layer: Any, jobs: list[dict[str, Any]]) -> None:
+    if layer is None:
+        return
+    try:
+        await layer.group_send(groups.ALL_JOBS, groups.published(jobs))
+    except Exception as exc:
+        logger.warning(
+            "could not broadcast jobs %s: %s",
+            ", ".join(str(job["id"]) for job in jobs),
+            exc,
+        )
+
+
+def _release(waiting: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
+    for _, sent in waiting:
+        if not sent.done():
+            sent.set_result(None)
 
 
 _senders: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Broadcaster] = (

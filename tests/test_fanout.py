@@ -137,3 +137,26 @@ async def test_jobs_published_while_a_message_is_in_flight_go_out_together(
     finally:
         assert hub._task is not None
         hub._task.cancel()
+
+
+async def test_a_broadcast_cut_off_by_shutdown_releases_its_callers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sending task cancelled mid-message: its callers do not wait forever."""
+    layer = get_channel_layer()
+    in_flight = asyncio.Event()
+
+    async def never_sent(group: str, message: dict[str, object]) -> None:
+        in_flight.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(layer, "group_send", never_sent)
+    first = asyncio.create_task(services.broadcast({"id": 1, "channel": "api"}))
+    await in_flight.wait()
+    queued = asyncio.create_task(services.broadcast({"id": 2, "channel": "api"}))
+    sender = services._senders[asyncio.get_running_loop()]
+    assert sender._task is not None
+    sender._task.cancel()
+    # Both return: the one in flight and the one queued behind it.
+    await asyncio.wait_for(asyncio.gather(first, queued), 10)
+    assert sender._waiting == []
