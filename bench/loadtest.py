@@ -546,44 +546,41 @@ def side_of(
 ) -> Side:
     """Latencies of the jobs ``names`` only: to every client, to a worker, of the POST.
 
-    As for the whole phase, a job not in by ``until`` counts as an infinite
-    latency, and so does a POST never answered.
+    Tallied as the whole phase is (``tally_ws``, ``tally_workers``): a job not
+    in by ``until`` counts as an infinite latency, and so does a POST never
+    answered.
     """
+    mine = set(names)
     accepted = [name for name in names if name in publication.accepted]
-    sent_at = publication.sent_at
-    ws_ms: list[float] = []
-    ws_missing = 0
-    for receipt in receipts:
-        for name in accepted:
-            arrived = receipt.arrivals[slots[name]]
-            if math.isnan(arrived) or arrived > until:
-                ws_missing += 1
-            else:
-                ws_ms.append((arrived - sent_at[name]) * 1000.0)
-    first_pull: dict[str, float] = {}
-    for job_id, arrived, _ in claims:
-        if arrived <= until:
-            first_pull.setdefault(job_id, arrived)
-    pull_ms = [
-        (first_pull[name] - sent_at[name]) * 1000.0
-        for name in accepted
-        if name in first_pull
-    ]
-    post_ms = [
+    sent_at = [math.nan] * len(slots)
+    for name, slot in slots.items():
+        sent_at[slot] = publication.sent_at.get(name, math.nan)
+    # The other jobs' frames are no concern of this side's.
+    ws = tally_ws(
+        receipts,
+        sent_at,
+        expected=[slots[name] for name in accepted],
+        uncertain=range(len(slots)),
+        until=until,
+    )
+    pulled = tally_workers(
+        [claim for claim in claims if claim[0] in mine],
+        publication.sent_at,
+        expected=accepted,
+        uncertain=mine & publication.unanswered,
+        until=until,
+    )
+    post_ms = sorted(
         publication.answer_ms[name] for name in names if name in publication.answer_ms
-    ]
-    ws_ms.sort()
-    pull_ms.sort()
-    post_ms.sort()
-    pull_missing = len(accepted) - len(pull_ms)
+    )
     post_missing = len(names) - len(post_ms)
     return Side(
         jobs_posted=len(names),
         jobs_accepted=len(accepted),
-        ws_p50_ms=percentile(ws_ms, 50, missing=ws_missing),
-        ws_p99_ms=percentile(ws_ms, 99, missing=ws_missing),
-        pull_p50_ms=percentile(pull_ms, 50, missing=pull_missing),
-        pull_p99_ms=percentile(pull_ms, 99, missing=pull_missing),
+        ws_p50_ms=percentile(ws.latencies_ms, 50, missing=ws.missing),
+        ws_p99_ms=percentile(ws.latencies_ms, 99, missing=ws.missing),
+        pull_p50_ms=percentile(pulled.latencies_ms, 50, missing=pulled.missing),
+        pull_p99_ms=percentile(pulled.latencies_ms, 99, missing=pulled.missing),
         post_p50_ms=percentile(post_ms, 50, missing=post_missing),
         post_p99_ms=percentile(post_ms, 99, missing=post_missing),
     )

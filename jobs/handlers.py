@@ -54,7 +54,7 @@ class ApiHandler(ASGIHandler):
             assert error_response is not None
             body_file.close()
             await self.send_response(error_response, send)
-            error_response.close()
+            _close(error_response)
             return
         # Django's own watch for a client that leaves: the view is cancelled,
         # and a long-poll's claim in flight is put back (jobs.views).
