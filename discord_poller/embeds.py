@@ -94,6 +94,8 @@ _EMPHASIS = (
 _STRAY_CODE_RE = re.compile(r"```(?:[a-z0-9_+.#-]+\n)?|`+", re.IGNORECASE)
 _LINE_PREFIX_RE = re.compile(r"^[ \t]*(?:#{1,3}|-#|>>>|>)[ \t]+", re.MULTILINE)
 _INVISIBLE_RE = re.compile("[\u200b\u2060\ufeff]")
+# json.loads joins a valid surrogate pair into one character: any left is half.
+_UNSTORABLE_RE = re.compile("[\x00\ud800-\udfff]")
 # Whitespace, and the fillers bots use to make a field look empty.
 _BLANK = "[\\s\u3164\u2800\u115f\u1160]"
 _EDGE_BLANK_RE = re.compile(f"^{_BLANK}+|{_BLANK}+$")
@@ -463,9 +465,13 @@ def _identifier(value: Any, pattern: re.Pattern[str]) -> str | None:
 
 
 def _coerce(value: Any) -> str | None:
-    """A string for str and int input (capped at Discord's limit), else None."""
+    """A string for str and int input (capped at Discord's limit), else None.
+
+    NUL and unpaired surrogates, which JSON can carry but no database stores
+    (the gateway refuses a job holding them), are dropped.
+    """
     if isinstance(value, str):
-        return value[:MAX_TEXT]
+        return _UNSTORABLE_RE.sub("", value[:MAX_TEXT])
     if isinstance(value, int) and not isinstance(value, bool):
         if not -(10**64) < value < 10**64:
             return None  # str() of a huge int is slow, or refused outright

@@ -215,6 +215,28 @@ def test_oversized_message_still_gives_a_valid_payload() -> None:
     assert_valid_payload(job.as_payload())
 
 
+def test_text_no_database_can_store_is_dropped_not_the_job() -> None:
+    # JSON may carry a NUL or half of a surrogate pair; the gateway refuses a
+    # job holding either (PostgreSQL cannot store them), so the parser drops
+    # the characters and keeps the job.
+    job = parse_message(
+        message(
+            {
+                "title": "Brain\x00rot \ud83d",
+                "fields": [
+                    {"name": "Job ID", "value": f"`{GUID}`\x00"},
+                    {"name": "Na\x00me", "value": "Tung\udc00 Sahur \U0001f600"},
+                ],
+            }
+        )
+    )
+    assert job is not None
+    assert job.job_id == GUID
+    assert job.title == "Brainrot"
+    assert job.fields["Name"] == "Tung Sahur \U0001f600"
+    assert_valid_payload(job.as_payload())
+
+
 def test_pathological_input_stays_fast() -> None:
     texts = ["`" * 3 + "a" * 3000, "**a " * 1500, "\\" * 6000, "`x" * 3000, "%" * 6000]
     start = time.perf_counter()
@@ -353,9 +375,11 @@ INVISIBLE = "\u200b\u2060\ufeff"
     )
 )
 def test_text_without_markdown_keeps_every_visible_character(text: str) -> None:
-    # Only whitespace (trailing, edges, CRLF as LF) and zero-width marks go.
+    # Only whitespace (trailing, edges, CRLF as LF), zero-width marks and NUL go.
     def visible(value: str) -> str:
-        return "".join(c for c in value if not c.isspace() and c not in INVISIBLE)
+        return "".join(
+            c for c in value if not c.isspace() and c not in INVISIBLE and c != "\x00"
+        )
 
     result = plain_text(text)
     assert visible(result) == visible(text)

@@ -7,6 +7,7 @@ The process tests run the fake Discord as a process of its own
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -47,8 +48,12 @@ class FakeDiscordProcess:
         return self.api_base.removesuffix("/api/v10") + "/_control"
 
     def post(self, channel_id: str, **message: Any) -> dict[str, Any]:
+        # Escaped JSON, as Discord sends it: text may hold a lone surrogate
+        # half, which httpx's json= (raw UTF-8) cannot encode.
         response = httpx.post(
-            f"{self.control}/messages", json={"channel_id": channel_id, **message}
+            f"{self.control}/messages",
+            content=json.dumps({"channel_id": channel_id, **message}),
+            headers={"Content-Type": "application/json"},
         )
         response.raise_for_status()
         result: dict[str, Any] = response.json()
