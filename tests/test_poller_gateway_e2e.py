@@ -33,9 +33,10 @@ from tests.test_poller_gateway import (
 )
 from tests.test_runpoller import CHANNEL, start_fake_discord
 from tests.test_runpoller_e2e import (
-    POSTABLE,
+    FIXTURES,
     assert_silence,
     next_jobs,
+    post_fixture,
     websocket,
     with_own_guid,
 )
@@ -65,18 +66,11 @@ def fake() -> Iterator[FakeGateway]:
 async def test_jobs_reach_websocket_clients_over_the_gateway(
     live_gateway: LiveGateway, fake: FakeGateway
 ) -> None:
-    cases = [with_own_guid(fixture) for fixture in POSTABLE]
+    cases = [with_own_guid(fixture) for fixture in FIXTURES]
     expected = [case["expected"] for case in cases if case["expected"] is not None]
     with gateway_poller(gateway_env(fake, live_gateway.base_url)) as poller:
         async with websocket(live_gateway) as ws:
-            posted = [
-                fake.discord.post(
-                    CHANNEL,
-                    content=case["message"].get("content", ""),
-                    embeds=case["message"].get("embeds", []),
-                )
-                for case in cases
-            ]
+            posted = [post_fixture(fake.discord, case) for case in cases]
             jobs = await next_jobs(ws, len(expected))
             await assert_silence(ws)
         polls = [r for r in fake.discord.requests() if "/messages" in r["path"]]

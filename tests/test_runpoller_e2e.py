@@ -31,11 +31,8 @@ FIXTURES: list[dict[str, Any]] = json.loads(
     (Path(__file__).parent / "fixtures" / "discord_embeds.json").read_text("utf-8")
 )
 FIXTURE_GUID = "0f8fad5b-d9cb-469f-a165-70867728950e"
-# What the fake's control API can post: content and embeds. (Buttons and
-# forwarded messages are covered by test_poller_formats.py.)
-POSTABLE = [
-    f for f in FIXTURES if not {"components", "message_snapshots"} & f["message"].keys()
-]
+# What a fixture's message holds besides its id: all the fake can post.
+POSTED_PARTS = ("content", "embeds", "components", "message_snapshots")
 
 
 @pytest.fixture
@@ -78,6 +75,12 @@ async def assert_silence(ws: ClientConnection, seconds: float = 1.0) -> None:
         await asyncio.wait_for(ws.recv(), seconds)
 
 
+def post_fixture(fake: FakeDiscordProcess, case: dict[str, Any]) -> dict[str, Any]:
+    """Post a fixture's message (buttons and forwarded copies too) to CHANNEL."""
+    message = case["message"]
+    return fake.post(CHANNEL, **{k: message[k] for k in POSTED_PARTS if k in message})
+
+
 def with_own_guid(fixture: dict[str, Any]) -> dict[str, Any]:
     # The fixtures share one job id; the gateway would take all but the first
     # for duplicates (DEDUP_WINDOW_SECONDS). Each gets its own.
@@ -90,19 +93,12 @@ def with_own_guid(fixture: dict[str, Any]) -> dict[str, Any]:
 async def test_every_embed_format_arrives_once_with_its_job_id(
     live_gateway: LiveGateway, fake_discord: FakeDiscordProcess
 ) -> None:
-    cases = [with_own_guid(fixture) for fixture in POSTABLE]
+    cases = [with_own_guid(fixture) for fixture in FIXTURES]
     expected = [case["expected"] for case in cases if case["expected"] is not None]
     env = poller_env(fake_discord, live_gateway.base_url)
     with poller_process(env) as poller:
         async with websocket(live_gateway) as ws:
-            posted = [
-                fake_discord.post(
-                    CHANNEL,
-                    content=case["message"].get("content", ""),
-                    embeds=case["message"].get("embeds", []),
-                )
-                for case in cases
-            ]
+            posted = [post_fixture(fake_discord, case) for case in cases]
             jobs = await next_jobs(ws, len(expected))
             await assert_silence(ws)
         output = poller.output()

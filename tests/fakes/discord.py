@@ -168,8 +168,14 @@ class FakeDiscordState:
         *,
         content: str = "",
         embeds: list[dict[str, Any]] | None = None,
+        components: list[dict[str, Any]] | None = None,
+        message_snapshots: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """Add a bot's message to a channel, with a snowflake id of now."""
+        """Add a bot's message to a channel, with a snowflake id of now.
+
+        With ``message_snapshots`` it is a forwarded message, as Discord sends
+        one: a ``message_reference`` of type 1 (forward) and the copies.
+        """
         now_ms = int(time.time() * 1000)
         snowflake = max((now_ms - DISCORD_EPOCH_MS) << 22, self._last_id + 1)
         self._last_id = snowflake
@@ -199,8 +205,11 @@ class FakeDiscordState:
             "embeds": embeds or [],
             "pinned": False,
             "flags": 0,
-            "components": [],
+            "components": components or [],
         }
+        if message_snapshots:
+            message["message_reference"] = {"type": 1, "channel_id": channel_id}
+            message["message_snapshots"] = message_snapshots
         self.messages.setdefault(channel_id, []).append(message)
         self._ids.setdefault(channel_id, []).append(snowflake)
         for listener in self.listeners:
@@ -485,6 +494,8 @@ class _Api:
             str(data["channel_id"]),
             content=data.get("content", ""),
             embeds=data.get("embeds"),
+            components=data.get("components"),
+            message_snapshots=data.get("message_snapshots"),
         )
         return web.json_response(message)
 
