@@ -43,11 +43,16 @@ from django.urls import path  # noqa: E402
 
 from jobs.consumers import JobConsumer  # noqa: E402
 from jobs.handlers import ApiHandler  # noqa: E402
-from jobs.logging import redact_daphne_access_log  # noqa: E402
+from jobs.logging import (  # noqa: E402
+    defer_autobahn_debug_formatting,
+    redact_daphne_access_log,
+)
 
 # daphne's own access log writes whole URIs, api_key included: redact it here,
 # which covers every daphne command line (docs/observability.md).
 redact_daphne_access_log()
+# And spare every WebSocket connection a debug line nobody reads.
+defer_autobahn_debug_formatting()
 
 Scope = dict[str, Any]
 

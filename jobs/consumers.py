@@ -15,6 +15,7 @@ from typing import Any, Literal, TypedDict
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
@@ -145,6 +146,12 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         if since is not None:
             await self._replay(since)
         await self._go_live()
+
+    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        # Channels' own, less its aclose_old_connections() (see dispatch) and
+        # its loop over self.groups: this consumer joins no group of its own.
+        await self.disconnect(message["code"])
+        raise StopConsumer
 
     async def disconnect(self, code: int) -> None:
         # The count first: leaving a group can fail (Redis down), counting cannot.

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import pprint
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from autobahn.websocket import protocol as autobahn_protocol
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -16,6 +18,7 @@ from gateway_client.signing import signed_headers
 from jobs.logging import (
     ContextFilter,
     JsonFormatter,
+    defer_autobahn_debug_formatting,
     new_request_id,
     redact_query,
     redact_text,
@@ -145,3 +148,30 @@ async def test_plain_lines_redact_too(live_gateway: Any) -> None:
         await http.get(f"/job/next?api_key={SECRET}")
     live_gateway.process.wait_for_output("/job/next?api_key=[redacted] 401")
     assert SECRET not in live_gateway.process.output()
+
+
+# --- autobahn's per-connection debug line -------------------------------------
+
+
+def test_autobahn_formats_its_debug_lines_only_when_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The gateway's ASGI module applies it; twice changes nothing.
+    defer_autobahn_debug_formatting()
+    defer_autobahn_debug_formatting()
+    formatted: list[object] = []
+
+    def counted(value: object, *args: Any, **kwargs: Any) -> str:
+        formatted.append(value)
+        return "pretty"
+
+    monkeypatch.setattr(pprint, "pformat", counted)
+    options = [("openHandshakeTimeout", 5, "WebSocketServerFactory")]
+    # What WebSocketProtocol._connectionMade hands its debug call.
+    attrs = autobahn_protocol.pformat(options)  # type: ignore[attr-defined]
+    assert formatted == []
+    assert f"\n{attrs}" == "\npretty"  # as the logger writes it
+    assert formatted == [options]
+    timings = autobahn_protocol.Timings()  # type: ignore[no-untyped-call]
+    timings.track("opened")
+    assert str(timings) == "pretty"
