@@ -138,6 +138,25 @@ def _seed_env(redis_url: str | None) -> Mapping[str, str]:
     }
 
 
+def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
+    """The seed options every benchmark reads: see ``seed_factory``."""
+    parser.add_argument(
+        "--baseline-dir",
+        help="the seed service's folder (default: ../shared/baseline/seed_fastapi "
+        "beside the repository, or BENCH_BASELINE_DIR)",
+    )
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="run the gateway alone"
+    )
+    parser.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="servers write an access log line per request (and connection), as "
+        "both run by default (default: on)",
+    )
+
+
 def seed_factory(
     args: argparse.Namespace,
 ) -> Callable[[str | None], SeedProcess] | None:

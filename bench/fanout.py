@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from bench.baseline import seed_factory
+from bench.baseline import add_baseline_arguments, seed_factory
 from bench.common import (
     REPO_ROOT,
     RESULTS_DIR,
@@ -821,24 +821,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=",".join(CONFIGS),
         help="comma-separated: embedded, redis-pubsub, redis",
     )
-    parser.add_argument(
-        "--baseline-dir",
-        help="the seed service's folder (default: ../shared/baseline/seed_fastapi "
-        "beside the repository, or BENCH_BASELINE_DIR)",
-    )
-    parser.add_argument(
-        "--no-baseline", action="store_true", help="run the gateway alone"
-    )
+    add_baseline_arguments(parser)
     parser.add_argument(
         "--batch",
         action="store_true",
         help="the gateway's clients ask for batched frames (/ws?batch=1)",
-    )
-    parser.add_argument(
-        "--access-log",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="servers log each request and connection, as both do by default",
     )
     parser.add_argument(
         "--max-seconds",

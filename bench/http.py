@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bench import load
-from bench.baseline import seed_factory
+from bench.baseline import add_baseline_arguments, seed_factory
 from bench.common import (
     REPO_ROOT,
     RESULTS_DIR,
@@ -535,21 +535,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=False,
         help="add a gateway row on PostgreSQL, database queue (default: off)",
     )
-    parser.add_argument(
-        "--baseline-dir",
-        help="the seed service's folder (default: ../shared/baseline/seed_fastapi "
-        "beside the repository, or BENCH_BASELINE_DIR)",
-    )
-    parser.add_argument(
-        "--no-baseline", action="store_true", help="run the gateway alone"
-    )
-    parser.add_argument(
-        "--access-log",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="servers write an access log line per request, as both run by "
-        "default (default: on)",
-    )
+    add_baseline_arguments(parser)
     parser.add_argument("--json", type=Path, help="where to save every figure")
     args = parser.parse_args(argv)
     args.modes = {mode.strip() for mode in args.modes.split(",") if mode.strip()}
