@@ -44,19 +44,40 @@ class Published:
 
 
 async def publish(draft: JobDraft) -> Published:
-    """Store and queue ``draft`` unless it is a duplicate, then broadcast it."""
+    """Store and queue ``draft`` unless it is a duplicate, then broadcast it.
+
+    Runs to its end even when the caller is cancelled (its client left, or
+    gave up waiting): a job stored is also announced and broadcast. Cut off in
+    between, it would reach no connected client, and the client's retry,
+    answered as a duplicate, would not send it either.
+    """
     logs.job_id.set(draft.job_id)  # on every line of the rest of this request
+    publishing = asyncio.ensure_future(_publish(draft))
+    try:
+        return await asyncio.shield(publishing)
+    except asyncio.CancelledError:
+        publishing.add_done_callback(_log_failure)
+        raise
+
+
+async def _publish(draft: JobDraft) -> Published:
     result = await _store(draft)
     if result.created:
         metrics.JOBS_PUBLISHED.inc()
         logger.info("published job %s as id %s", draft.job_id, result.job["id"])
-        # Both are best effort: the job is safely queued already, and
-        # WebSocket clients recover a missed frame with ``since=``.
-        await wakeups.announce(result.job)
-        await broadcast(result.job)
+        # Both are best effort, the job being safely queued already (WebSocket
+        # clients recover a missed frame with ``since=``), and independent:
+        # with Redis each is a round trip, and they overlap.
+        await asyncio.gather(wakeups.announce(result.job), broadcast(result.job))
     else:
         metrics.JOBS_DUPLICATES.inc()
     return result
+
+
+def _log_failure(publishing: asyncio.Future[Published]) -> None:
+    """The outcome of a publish whose caller had left: nobody else reads it."""
+    if not publishing.cancelled() and (exc := publishing.exception()) is not None:
+        logger.error("publishing failed after its caller left: %r", exc)
 
 
 async def broadcast(job: dict[str, Any]) -> None:

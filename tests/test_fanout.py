@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 from channels.layers import get_channel_layer
 
-from jobs import fanout, groups, services
+from jobs import fanout, groups, services, wakeups
+from jobs.payloads import JobDraft
 
 # Far past the channel layers' default capacity of 100 messages per channel.
 BURST = 500
@@ -160,3 +161,103 @@ async def test_a_broadcast_cut_off_by_shutdown_releases_its_callers(
     # Both return: the one in flight and the one queued behind it.
     await asyncio.wait_for(asyncio.gather(first, queued), 10)
     assert sender._waiting == []
+
+
+# --- The publish that leads to it ---------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_announce_and_broadcast_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With Redis each is a round trip: the broadcast does not wait for the other."""
+    broadcasting = asyncio.Event()
+
+    async def announce(job: dict[str, object]) -> None:
+        await broadcasting.wait()  # sequential, this would never return
+
+    async def broadcast(job: dict[str, object]) -> None:
+        broadcasting.set()
+
+    monkeypatch.setattr(wakeups, "announce", announce)
+    monkeypatch.setattr(services, "broadcast", broadcast)
+    result = await asyncio.wait_for(services.publish(JobDraft(job_id="overlap")), 10)
+    assert result.created
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_stored_job_is_broadcast_even_if_its_caller_leaves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that gives up mid-publish retries; the retry is a duplicate."""
+    real_store = services._store
+    stored = asyncio.Event()
+    release = asyncio.Event()
+    announced: list[object] = []
+    broadcast_done = asyncio.Event()
+
+    async def slow_store(draft: JobDraft) -> services.Published:
+        result = await real_store(draft)
+        stored.set()
+        await release.wait()
+        return result
+
+    async def announce(job: dict[str, object]) -> None:
+        announced.append(job["job_id"])
+
+    async def broadcast(job: dict[str, object]) -> None:
+        broadcast_done.set()
+
+    monkeypatch.setattr(services, "_store", slow_store)
+    monkeypatch.setattr(wakeups, "announce", announce)
+    monkeypatch.setattr(services, "broadcast", broadcast)
+    await _publish_and_leave("left", once=stored)
+    release.set()
+    await asyncio.wait_for(broadcast_done.wait(), 10)
+    assert announced == ["left"]
+    monkeypatch.setattr(services, "_store", real_store)
+    retried = await services.publish(JobDraft(job_id="left"))
+    assert not retried.created
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_publish_that_fails_after_its_caller_left_is_logged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failing = asyncio.Event()
+    release = asyncio.Event()
+
+    async def broken_store(draft: JobDraft) -> services.Published:
+        failing.set()
+        await release.wait()
+        raise OSError("the database went away")
+
+    monkeypatch.setattr(services, "_store", broken_store)
+    await _publish_and_leave("orphan", once=failing)
+    logged = asyncio.Event()
+    handler = _EventHandler(logged)
+    logging.getLogger("jobs.services").addHandler(handler)
+    try:
+        release.set()
+        await asyncio.wait_for(logged.wait(), 10)
+    finally:
+        logging.getLogger("jobs.services").removeHandler(handler)
+    assert "the database went away" in handler.messages[0]
+
+
+async def _publish_and_leave(job_id: str, once: asyncio.Event) -> None:
+    """Publish, and cancel the caller (its client left) once ``once`` is set."""
+    caller = asyncio.create_task(services.publish(JobDraft(job_id=job_id)))
+    await asyncio.wait_for(once.wait(), 10)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+
+
+class _EventHandler(logging.Handler):
+    def __init__(self, event: asyncio.Event) -> None:
+        super().__init__(logging.ERROR)
+        self.event = event
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self.event.set()
