@@ -164,14 +164,17 @@ async def test_one_publish_makes_one_claim_not_one_per_waiter(
     api: httpx.AsyncClient, sign: Sign, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     claims = 0
-    real_claim = get_queue().claim
+    # On the class: patched on the shared instance, its undo would leave the
+    # original bound method there, hiding later tests' patches of the class.
+    queue = type(get_queue())
+    real_claim = queue.claim
 
     async def counted_claim(*args: Any) -> dict[str, Any] | None:
         nonlocal claims
         claims += 1
         return await real_claim(*args)
 
-    monkeypatch.setattr(get_queue(), "claim", counted_claim)
+    monkeypatch.setattr(queue, "claim", counted_claim)
     parked = await park_polls(api, sign, monkeypatch, 8, "?wait=0.5")
     assert claims == 8  # each looked once and found the queue empty
     job = await publish(api, sign, job_id="one-of-eight")
