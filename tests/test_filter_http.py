@@ -148,16 +148,18 @@ async def test_a_filtered_long_poll_is_woken_only_by_a_matching_job(
     api: httpx.AsyncClient, sign: Sign, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     claims = 0
-    real_claim = queues.get_queue().claim
+    # On the class, as tests/test_next_job.py explains.
+    queue = type(queues.get_queue())
+    real_claim = queue.claim
 
     async def counted_claim(
-        claimer: str, job_filter: JobFilter | None = None
+        self: queues.Queue, claimer: str, job_filter: JobFilter | None = None
     ) -> dict[str, Any] | None:
         nonlocal claims
         claims += 1
-        return await real_claim(claimer, job_filter)
+        return await real_claim(self, claimer, job_filter)
 
-    monkeypatch.setattr(queues.get_queue(), "claim", counted_claim)
+    monkeypatch.setattr(queue, "claim", counted_claim)
     waiting = asyncio.Event()
     passed_over: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
     real_wait, real_may_want = wakeups.Signal.wait, wakeups._may_want
