@@ -36,7 +36,9 @@ __all__ = [
     "FloodReport",
     "Pulls",
     "WorkerTally",
+    "admitted",
     "pull",
+    "send_forged",
     "tally_workers",
 ]
 
@@ -203,11 +205,7 @@ class FloodReport:
     @property
     def admitted(self) -> int:
         """Forged requests the server accepted: must be 0."""
-        return sum(
-            count
-            for answer, count in self.answers.items()
-            if answer.startswith(("HTTP 2", "WS 101"))
-        )
+        return admitted(self.answers)
 
 
 def forged_headers() -> dict[str, str]:
@@ -221,6 +219,41 @@ def forged_headers() -> dict[str, str]:
         TIMESTAMP_HEADER: str(int(time.time())),
         SIGNATURE_HEADER: secrets.token_hex(32),
     }
+
+
+async def send_forged(session: aiohttp.ClientSession, kind: str, base_url: str) -> str:
+    """One forged request of ``kind`` (``FLOOD_KINDS``): "HTTP 401", "WS 403"..."""
+    if kind == "ws":
+        try:
+            async with session.ws_connect(
+                f"{base_url}/ws?api_key=forged-{secrets.token_hex(8)}"
+            ):
+                return "WS 101"
+        except aiohttp.WSServerHandshakeError as exc:
+            return f"WS {exc.status}"
+    if kind == "post":
+        body = json.dumps({"job_id": f"forged-{secrets.token_hex(8)}"})
+        request = session.post(
+            base_url + JOB_PATH,
+            data=body,
+            headers={**forged_headers(), "Content-Type": "application/json"},
+        )
+    else:
+        request = session.get(
+            f"{base_url}{NEXT_PATH}?wait=10", headers=forged_headers()
+        )
+    async with request as answer:
+        await answer.read()
+        return f"HTTP {answer.status}"
+
+
+def admitted(answers: Mapping[str, int]) -> int:
+    """How many of ``send_forged``'s answers admitted the request: must be 0."""
+    return sum(
+        count
+        for answer, count in answers.items()
+        if answer.startswith(("HTTP 2", "WS 101"))
+    )
 
 
 async def _flood(
@@ -256,30 +289,6 @@ async def _flood(
     # With a rate, each connection sends one request per this many seconds.
     interval = concurrency / rate if rate > 0 else 0.0
 
-    async def one(session: aiohttp.ClientSession, kind: str, base_url: str) -> str:
-        if kind == "ws":
-            try:
-                async with session.ws_connect(
-                    f"{base_url}/ws?api_key=forged-{secrets.token_hex(8)}"
-                ):
-                    return "WS 101"
-            except aiohttp.WSServerHandshakeError as exc:
-                return f"WS {exc.status}"
-        if kind == "post":
-            body = json.dumps({"job_id": f"forged-{secrets.token_hex(8)}"})
-            request = session.post(
-                base_url + JOB_PATH,
-                data=body,
-                headers={**forged_headers(), "Content-Type": "application/json"},
-            )
-        else:
-            request = session.get(
-                f"{base_url}{NEXT_PATH}?wait=10", headers=forged_headers()
-            )
-        async with request as answer:
-            await answer.read()
-            return f"HTTP {answer.status}"
-
     async def sender(session: aiohttp.ClientSession, number: int) -> None:
         nonlocal sent
         base_url = base_urls[number % len(base_urls)]
@@ -296,7 +305,7 @@ async def _flood(
             kind = FLOOD_KINDS[count % len(FLOOD_KINDS)]
             count += 1
             try:
-                answers[await one(session, kind, base_url)] += 1
+                answers[await send_forged(session, kind, base_url)] += 1
             except (aiohttp.ClientError, TimeoutError) as exc:
                 answers[type(exc).__name__] += 1
             sent += 1

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import secrets
+import functools
 import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -33,10 +32,11 @@ from bench.baseline import add_baseline_arguments, seed_factory
 from bench.common import fmt, format_table, machine_summary, ratio, run_async
 from bench.fanout_proc import cpu_seconds, settle
 from bench.gateway import Gateway
-from bench.loadtest_http import forged_headers
+from bench.loadtest_http import admitted, send_forged
 
 WARM_UP = 50
-KINDS = ("POST /job", "GET /job/next", "/ws handshake")
+# Each kind, and its name among the flood's.
+KINDS = {"POST /job": "post", "GET /job/next": "next", "/ws handshake": "ws"}
 
 
 @dataclass
@@ -56,44 +56,14 @@ class Server:
     @property
     def admitted(self) -> int:
         """Forged requests the server accepted: must be 0."""
-        return sum(
-            n for answer, n in self.answers.items() if answer in ("200", "201", "101")
-        )
-
-
-def senders(
-    session: aiohttp.ClientSession, base_url: str
-) -> dict[str, Callable[[], Awaitable[str]]]:
-    """One forged request of each kind; each returns the status it got."""
-
-    async def post() -> str:
-        body = json.dumps({"job_id": f"forged-{secrets.token_hex(8)}"})
-        headers = {**forged_headers(), "Content-Type": "application/json"}
-        async with session.post(f"{base_url}/job", data=body, headers=headers) as got:
-            await got.read()
-            return str(got.status)
-
-    async def get() -> str:
-        url = f"{base_url}/job/next?wait=10"
-        async with session.get(url, headers=forged_headers()) as got:
-            await got.read()
-            return str(got.status)
-
-    async def handshake() -> str:
-        url = f"{base_url}/ws?api_key=forged-{secrets.token_hex(8)}"
-        try:
-            async with session.ws_connect(url):
-                return "101"
-        except aiohttp.WSServerHandshakeError as exc:
-            return str(exc.status)
-
-    return dict(zip(KINDS, (post, get, handshake), strict=True))
+        return admitted(self.answers)
 
 
 async def measure(server: Server, requests: int) -> None:
     """One round: ``requests`` of each kind, the server's CPU per request."""
     async with aiohttp.ClientSession() as session:
-        for kind, send in senders(session, server.base_url).items():
+        for kind, flood_kind in KINDS.items():
+            send = functools.partial(send_forged, session, flood_kind, server.base_url)
             for _ in range(WARM_UP):
                 await send()
             await settle([server.pid])
@@ -163,14 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_async(measure(server, args.requests))
     print(summary)
     print(report(servers, args.rounds))
-    admitted = [server for server in servers if server.admitted]
-    for server in admitted:
+    leaky = [server for server in servers if server.admitted]
+    for server in leaky:
         print(f"PROBLEM {server.label}: {server.admitted} forged request(s) admitted")
     for server in servers:
         answers = ", ".join(f"{a}: {n:,}" for a, n in sorted(server.answers.items()))
         print(f"  {server.label} answered {answers}")
     print(f"Took {time.monotonic() - started:.0f} s.")
-    return 1 if admitted else 0
+    return 1 if leaky else 0
 
 
 if __name__ == "__main__":

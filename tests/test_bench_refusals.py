@@ -24,7 +24,7 @@ def test_each_kind_is_refused_and_costed_per_request() -> None:
 
     # Forged signatures are 401s, a forged key's handshake a 403; warm-up
     # requests are not counted.
-    assert server.answers == {"401": 40, "403": 20}
+    assert server.answers == {"HTTP 401": 40, "WS 403": 20}
     assert server.admitted == 0
     assert set(server.cpu_ms) == set(KINDS)
     for kind in KINDS:
@@ -36,7 +36,7 @@ def test_each_kind_is_refused_and_costed_per_request() -> None:
 
 def test_an_admitted_request_is_counted() -> None:
     server = Server("gateway", "http://127.0.0.1:1", 1)
-    server.answers.update({"401": 5, "201": 1, "101": 2})
+    server.answers.update({"HTTP 401": 5, "HTTP 201": 1, "WS 101": 2})
     assert server.admitted == 3
 
 
