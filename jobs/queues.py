@@ -332,7 +332,7 @@ class RedisQueue:
         await self._restore_now_and_then(client)
         if job_filter is not None and not job_filter.is_empty:
             return await self._claim_matching(claimer, job_filter)
-        pop = client.register_script(_POP_LUA)
+        pop = redis_clients.async_script(_POP_LUA)
         while True:
             raw: bytes | None = await pop(
                 keys=[QUEUE_KEY, CLAIMING_KEY], args=[time.time()]
@@ -355,7 +355,7 @@ class RedisQueue:
         to that caller, 0 to any other), so each job is still claimed once.
         """
         client = redis_clients.async_client()
-        next_page = client.register_script(_NEXT_PAGE_LUA)
+        next_page = redis_clients.async_script(_NEXT_PAGE_LUA)
         seen: set[bytes] = set()  # tested already: a restart skips them
         anchors: list[bytes] = []
         restarts = 0
@@ -387,7 +387,7 @@ class RedisQueue:
         # Expired entries are dropped on the way, as a pop would.
         if not expired and not job_filter.matches(entry["job"]):
             return None
-        take = client.register_script(_TAKE_LUA)
+        take = redis_clients.async_script(_TAKE_LUA)
         if not await take(keys=[QUEUE_KEY, CLAIMING_KEY], args=[time.time(), raw]):
             return None  # another claimer removed it first
         try:
@@ -451,12 +451,14 @@ async def restore_unfinished_claims(
         return 0
     entries = {raw: json.loads(raw) for raw in stale}
     queued = await _still_queued([entry["job"]["id"] for entry in entries.values()])
-    restore = client.register_script(_RESTORE_LUA)
+    restore = redis_clients.async_script(_RESTORE_LUA)
     restored = 0
     # Newest first onto the head, so that the oldest ends up first in line.
     for raw, entry in sorted(entries.items(), key=lambda item: -item[1]["job"]["id"]):
         if entry["job"]["id"] in queued:
-            restored += await restore(keys=[QUEUE_KEY, CLAIMING_KEY], args=[raw])
+            restored += await restore(
+                keys=[QUEUE_KEY, CLAIMING_KEY], args=[raw], client=client
+            )
         else:
             await client.zrem(CLAIMING_KEY, raw)
     if restored:

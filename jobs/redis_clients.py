@@ -9,6 +9,7 @@ from functools import cache
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
+from redis.commands.core import AsyncScript
 
 # Seconds: fail fast when Redis is down, so callers can answer 503 quickly.
 CONNECT_TIMEOUT = 2
@@ -16,6 +17,9 @@ SOCKET_TIMEOUT = 5
 _async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
     weakref.WeakKeyDictionary()
 )
+_async_scripts: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[str, AsyncScript]
+] = weakref.WeakKeyDictionary()
 
 
 @cache
@@ -40,6 +44,19 @@ def async_client() -> aioredis.Redis:
     return client
 
 
+def async_script(source: str) -> AsyncScript:
+    """The Lua ``source`` as a script of ``async_client()``, registered once.
+
+    Registering works out the script's SHA-1 each time, on every claim.
+    """
+    loop = asyncio.get_running_loop()
+    scripts = _async_scripts.setdefault(loop, {})
+    script = scripts.get(source)
+    if script is None:
+        script = scripts[source] = async_client().register_script(source)
+    return script
+
+
 def _url() -> str:
     if not settings.REDIS_URL:
         raise RuntimeError("REDIS_URL is not set, yet a Redis backend was asked for.")
@@ -50,3 +67,4 @@ def forget() -> None:
     """Drop every client, so the next call connects to the current REDIS_URL."""
     sync_client.cache_clear()
     _async_clients.clear()
+    _async_scripts.clear()

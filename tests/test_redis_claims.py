@@ -134,3 +134,22 @@ async def test_a_claim_notes_its_entry_until_the_table_has_it(
     assert len(noted) == 1 and len(noted[0]) == 1
     assert json.loads(noted[0][0])["job"]["id"] == job["id"]
     assert await claiming() == []
+
+
+async def test_claims_register_their_script_once(
+    redis_queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    redis_clients.forget()
+    client_class = type(redis_clients.async_client())
+    register = client_class.register_script
+    registered: list[str] = []
+
+    def counted(client: Any, source: str) -> Any:
+        registered.append(source)
+        return register(client, source)
+
+    monkeypatch.setattr(client_class, "register_script", counted)
+    for _ in range(3):
+        job = await publish()
+        assert await queues.get_queue().claim("worker-1") == job
+    assert registered == [queues._POP_LUA]
