@@ -42,7 +42,10 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from jobs.consumers import JobConsumer  # noqa: E402
-from jobs.handlers import ApiHandler  # noqa: E402
+from jobs.handlers import (  # noqa: E402
+    ApiHandler,
+    leave_form_bodies_to_the_application,
+)
 from jobs.logging import (  # noqa: E402
     defer_autobahn_debug_formatting,
     redact_daphne_access_log,
@@ -51,8 +54,10 @@ from jobs.logging import (  # noqa: E402
 # daphne's own access log writes whole URIs, api_key included: redact it here,
 # which covers every daphne command line (docs/observability.md).
 redact_daphne_access_log()
-# And spare every WebSocket connection a debug line nobody reads.
+# Spare every WebSocket connection and frame debug lines nobody reads, and
+# every POST a form parse nobody uses.
 defer_autobahn_debug_formatting()
+leave_form_bodies_to_the_application()
 
 Scope = dict[str, Any]
 

@@ -118,6 +118,17 @@ def test_error_shapes(client: httpx.Client, sign: Sign) -> None:
         413,
         "too_large",
     )
+    # A form body the server cannot parse is one more unsupported body: the
+    # server leaves form bodies to the application (jobs.handlers).
+    assert_error(
+        client.post(
+            "/job",
+            content=b"not a multipart body",
+            headers={**sign(), "Content-Type": "multipart/form-data; boundary=x"},
+        ),
+        415,
+        "unsupported_media_type",
+    )
     assert_error(
         client.get("/healthz", headers={"Host": "evil.example"}), 400, "bad_host"
     )
