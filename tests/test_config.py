@@ -242,6 +242,20 @@ def test_daphne_refuses_to_start_without_the_api_key() -> None:
 
 
 @pytest.mark.processes
+def test_serving_freezes_what_start_up_loaded_and_collects_less_often() -> None:
+    script = (
+        "import gc, gateway_project.asgi as asgi; "
+        "print(gc.get_freeze_count(), gc.get_threshold()[0], "
+        "asgi.YOUNG_COLLECTION_EVERY)"
+    )
+    result = run([sys.executable, "-c", script])
+    assert result.returncode == 0, result.stderr
+    frozen, young, configured = map(int, result.stdout.split())
+    assert frozen > 50_000  # Django, the gateway and their modules
+    assert young == configured > 700  # CPython's default
+
+
+@pytest.mark.processes
 def test_management_commands_need_no_secrets() -> None:
     result = run(
         [sys.executable, "manage.py", "check"],
