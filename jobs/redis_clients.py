@@ -47,7 +47,8 @@ def async_client() -> aioredis.Redis:
 def async_script(source: str) -> AsyncScript:
     """The Lua ``source`` as a script of ``async_client()``, registered once.
 
-    Registering works out the script's SHA-1 each time, on every claim.
+    ``register_script`` works out the script's SHA-1 each time it is called:
+    once per event loop here, rather than once per claim.
     """
     loop = asyncio.get_running_loop()
     scripts = _async_scripts.setdefault(loop, {})
