@@ -11,8 +11,12 @@ from discord_poller.pacing import DEFAULT_BURST_SECONDS
 from discord_poller.publisher import DEFAULT_CAPACITY
 
 # Discord asks bots to name themselves: "DiscordBot ($url, $version)".
-USER_AGENT: Final = discord_user_agent("https://example.com/job-gateway", "1.0.0")
+VERSION: Final = "1.0.0"
+DEFAULT_BOT_URL: Final = "https://example.com/job-gateway"
+USER_AGENT: Final = discord_user_agent(DEFAULT_BOT_URL, VERSION)
 _CHANNEL_ID = re.compile(r"[0-9]{1,20}")
+# An http(s) URL that keeps the header's "(url, version)" readable.
+_BOT_URL = re.compile(r"https?://[^\s,()]+")
 # rest: poll the channels; gateway: receive their messages over the Gateway.
 MODES: Final = ("rest", "gateway")
 
@@ -37,6 +41,7 @@ class PollerConfig:
     burst_seconds: float = DEFAULT_BURST_SECONDS
     buffer_size: int = DEFAULT_CAPACITY
     mode: str = "rest"
+    user_agent: str = USER_AGENT
 
     def __repr__(self) -> str:
         # Never print the secrets, whoever logs this object.
@@ -71,6 +76,12 @@ class PollerConfig:
                     f"CHANNEL_ID must list Discord channel ids (digits), "
                     f"not {channel!r}."
                 )
+        bot_url = str(getattr(settings, "DISCORD_BOT_URL", "") or DEFAULT_BOT_URL)
+        if not _BOT_URL.fullmatch(bot_url):
+            raise ConfigError(
+                "DISCORD_BOT_URL must be an http(s) URL without spaces, commas or "
+                f"parentheses, not {bot_url!r}."
+            )
         return cls(
             channel_ids=channels,
             discord_token=token,
@@ -83,4 +94,5 @@ class PollerConfig:
             hmac_secret=settings.HMAC_SECRETS[0],
             job_ttl_seconds=settings.JOB_TTL_SECONDS,
             mode=mode,
+            user_agent=discord_user_agent(bot_url, VERSION),
         )

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from discord_poller.client import DiscordClient, Unauthorized
-from discord_poller.config import USER_AGENT, PollerConfig
+from discord_poller.config import PollerConfig
 from discord_poller.gateway_protocol import GatewayFatal
 from discord_poller.listener import GatewayListener
 from discord_poller.publisher import Publisher
@@ -51,7 +51,7 @@ async def serve(
             DiscordClient(
                 config.discord_token,
                 config.discord_api_base,
-                user_agent=USER_AGENT,
+                user_agent=config.user_agent,
             ) as discord,
             Publisher(
                 config.service_base_url,
@@ -74,7 +74,7 @@ async def serve(
             readers: list[Reader] | None = None
             if config.mode == "gateway" and not once:
                 listener = GatewayListener(
-                    poller, discord, config.discord_token, user_agent=USER_AGENT
+                    poller, discord, config.discord_token, user_agent=config.user_agent
                 )
                 report, readers = listener.report, listener.readers
                 logger.info(

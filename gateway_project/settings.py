@@ -237,6 +237,9 @@ DISCORD_TOKEN = config.string("DISCORD_TOKEN")
 DISCORD_API_BASE = (
     config.string("DISCORD_API_BASE", "https://discord.com/api/v10") or ""
 ).rstrip("/")
+# The page the poller's User-Agent names, "DiscordBot (<url>, <version>)": Discord
+# asks a bot to say where to learn about it (docs/poller.md).
+DISCORD_BOT_URL = config.string("DISCORD_BOT_URL")
 DISCORD_POLL_SECONDS = config.number("DISCORD_POLL_SECONDS", 0.25, minimum=0.0)
 BURST_POLL_SECONDS = config.number("BURST_POLL_SECONDS", 0.05, minimum=0.0)
 # rest (poll) or gateway (Discord's Gateway); checked by discord_poller.config.

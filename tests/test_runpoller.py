@@ -149,6 +149,21 @@ def test_refuses_a_channel_id_that_is_not_a_snowflake(settings: Any) -> None:
         call_command("runpoller")
 
 
+@pytest.mark.parametrize(
+    "url", ["example.com", "https://bots.example/a, b", "https://bots.example/(x)"]
+)
+def test_refuses_a_bot_url_that_would_garble_its_user_agent(
+    settings: Any, url: str
+) -> None:
+    settings.CHANNEL_IDS = [CHANNEL]
+    settings.DISCORD_TOKEN = DEFAULT_TOKEN
+    settings.DISCORD_BOT_URL = url
+    with pytest.raises(
+        CommandError, match=r"^DISCORD_BOT_URL must be an http\(s\) URL"
+    ):
+        call_command("runpoller")
+
+
 def test_the_refusal_is_one_line_and_a_failure() -> None:
     result = subprocess.run(
         COMMAND, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
@@ -171,7 +186,9 @@ def test_once_publishes_one_cycle_and_reports_it(
         fake_discord.post(CHANNEL, embeds=job_embed(f"once-{i}")) for i in range(2)
     ]
     fake_discord.post(CHANNEL, content="nothing to join here")
-    env = poller_env(fake_discord, live_gateway.base_url)
+    env = poller_env(
+        fake_discord, live_gateway.base_url, DISCORD_BOT_URL="https://bots.example/jobs"
+    )
     result = subprocess.run(
         [*COMMAND, "--once"],
         env=env,
@@ -182,6 +199,9 @@ def test_once_publishes_one_cycle_and_reports_it(
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    # Discord sees the bot's page and version in every request's User-Agent.
+    agents = {request["headers"]["User-Agent"] for request in fake_discord.requests()}
+    assert agents == {"DiscordBot (https://bots.example/jobs, 1.0.0)"}
     stored = Job.objects.filter(source="discord").order_by("id")
     assert [job.message_id for job in stored] == [m["id"] for m in posted]
     assert [job.channel for job in stored] == [CHANNEL, CHANNEL]
