@@ -15,8 +15,9 @@ VERSION: Final = "1.0.0"
 DEFAULT_BOT_URL: Final = "https://example.com/job-gateway"
 USER_AGENT: Final = discord_user_agent(DEFAULT_BOT_URL, VERSION)
 _CHANNEL_ID = re.compile(r"[0-9]{1,20}")
-# An http(s) URL that keeps the header's "(url, version)" readable.
-_BOT_URL = re.compile(r"https?://[^\s,()]+")
+# An http(s) URL that keeps the header's "(url, version)" readable: printable
+# ASCII, no space, comma or parenthesis.
+_BOT_URL = re.compile(r"https?://[!-'*+\--~]+")
 # rest: poll the channels; gateway: receive their messages over the Gateway.
 MODES: Final = ("rest", "gateway")
 
@@ -79,8 +80,8 @@ class PollerConfig:
         bot_url = str(getattr(settings, "DISCORD_BOT_URL", "") or DEFAULT_BOT_URL)
         if not _BOT_URL.fullmatch(bot_url):
             raise ConfigError(
-                "DISCORD_BOT_URL must be an http(s) URL without spaces, commas or "
-                f"parentheses, not {bot_url!r}."
+                "DISCORD_BOT_URL must be an http(s) URL in ASCII, without spaces, "
+                f"commas or parentheses, not {bot_url!r}."
             )
         return cls(
             channel_ids=channels,

@@ -150,7 +150,13 @@ def test_refuses_a_channel_id_that_is_not_a_snowflake(settings: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["example.com", "https://bots.example/a, b", "https://bots.example/(x)"]
+    "url",
+    [
+        "example.com",
+        "https://bots.example/a, b",
+        "https://bots.example/(x)",
+        "https://bots.example/café",
+    ],
 )
 def test_refuses_a_bot_url_that_would_garble_its_user_agent(
     settings: Any, url: str
