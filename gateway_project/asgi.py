@@ -51,14 +51,16 @@ from jobs.logging import (  # noqa: E402
     defer_autobahn_debug_formatting,
     redact_daphne_access_log,
 )
+from jobs.serving import write_frames_at_once  # noqa: E402
 
 # daphne's own access log writes whole URIs, api_key included: redact it here,
 # which covers every daphne command line (docs/observability.md).
 redact_daphne_access_log()
 # Spare every WebSocket connection and frame debug lines nobody reads, and
-# every POST a form parse nobody uses.
+# every POST a form parse nobody uses; send frames without a loop turn each.
 defer_autobahn_debug_formatting()
 leave_form_bodies_to_the_application()
+write_frames_at_once()
 
 Scope = dict[str, Any]
 

@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from gateway_client import signing
 from gateway_project.asgi import application
-from jobs import consumers, fanout, filters, presence, services
+from jobs import consumers, fanout, filters, presence, services, serving
 from jobs.models import Job
 from jobs.payloads import JobDraft
 from tests.stack import API_KEY, HMAC_SECRET
@@ -539,3 +539,13 @@ async def test_connected_clients_are_counted_in_health(
             "total": before["total"] + 2,
         }
     assert await clients() == before
+
+
+def test_the_asgi_module_makes_daphne_send_frames_at_once() -> None:
+    # Behaviour through a real daphne: tests/test_ws_live.py (a full socket).
+    from daphne.ws_protocol import WebSocketProtocol
+
+    on_open = WebSocketProtocol.onOpen
+    assert getattr(on_open, "writes_at_once", False)
+    serving.write_frames_at_once()  # twice changes nothing
+    assert WebSocketProtocol.onOpen is on_open

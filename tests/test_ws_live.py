@@ -330,6 +330,35 @@ def _stalled_client(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def test_frames_a_full_socket_held_back_arrive_whole_in_order_once(
+    transactional_db: None, http: httpx.AsyncClient
+) -> None:
+    # The client stops reading: its receive window and the server's send
+    # buffer (up to 4 MB) fill, and the server's writes go partly, then not at
+    # all, to the socket, the rest through Twisted's buffer (jobs.serving).
+    # Once it reads again, every frame arrives whole, in order, once.
+    padding = {f"f{n}": "x" * 5000 for n in range(100)}  # about 500 KB a job
+    env = process_env(MAX_JOB_BYTES=str(1024 * 1024))
+    with DaphneProcess(env=env) as server:
+        async with connect(
+            f"{server.ws_url}/ws",
+            additional_headers={"X-API-KEY": API_KEY},
+            compression=None,
+            proxy=None,
+            max_queue=1,  # stop reading from the socket past one frame
+            max_size=None,
+        ) as client:
+            await hello(client)
+            posted = [
+                await post_job(http, server.base_url, fields=padding)
+                for _ in range(16)  # 8 MB: past both buffers
+            ]
+            received = [await next_job(client) for _ in posted]
+            assert received == posted
+            with pytest.raises(TimeoutError):
+                await next_job(client, timeout=0.5)  # and nothing twice
+
+
 async def test_a_client_that_never_reads_neither_delays_others_nor_stays(
     transactional_db: None, http: httpx.AsyncClient
 ) -> None:
