@@ -43,15 +43,15 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from jobs.consumers import JobConsumer  # noqa: E402
-from jobs.handlers import (  # noqa: E402
-    ApiHandler,
-    leave_form_bodies_to_the_application,
-)
+from jobs.handlers import ApiHandler  # noqa: E402
 from jobs.logging import (  # noqa: E402
     defer_autobahn_debug_formatting,
     redact_daphne_access_log,
 )
-from jobs.serving import write_frames_at_once  # noqa: E402
+from jobs.serving import (  # noqa: E402
+    leave_form_bodies_to_the_application,
+    write_frames_at_once,
+)
 
 # daphne's own access log writes whole URIs, api_key included: redact it here,
 # which covers every daphne command line (docs/observability.md).

@@ -92,43 +92,19 @@ def test_error_shapes(client: httpx.Client, sign: Sign) -> None:
     wrong_method = client.delete("/job/next", headers=sign())
     assert_error(wrong_method, 405, "method_not_allowed")
     assert wrong_method.headers["allow"] == "GET"
-    assert_error(
-        client.post(
-            "/job", content=b"{}", headers={**sign(), "Content-Type": "text/plain"}
-        ),
-        415,
-        "unsupported_media_type",
-    )
-    assert_error(
-        client.post(
-            "/job",
-            content=b"{oops",
-            headers={**sign(), "Content-Type": "application/json"},
-        ),
-        400,
-        "bad_json",
-    )
-    too_big = b'{"job_id": "x", "title": "' + b"x" * 20000 + b'"}'
-    assert_error(
-        client.post(
-            "/job",
-            content=too_big,
-            headers={**sign(), "Content-Type": "application/json"},
-        ),
-        413,
-        "too_large",
-    )
+
+    def post(body: bytes, content_type: str) -> httpx.Response:
+        headers = {**sign(), "Content-Type": content_type}
+        return client.post("/job", content=body, headers=headers)
+
+    assert_error(post(b"{}", "text/plain"), 415, "unsupported_media_type")
     # A form body the server cannot parse is one more unsupported body: the
-    # server leaves form bodies to the application (jobs.handlers).
-    assert_error(
-        client.post(
-            "/job",
-            content=b"not a multipart body",
-            headers={**sign(), "Content-Type": "multipart/form-data; boundary=x"},
-        ),
-        415,
-        "unsupported_media_type",
-    )
+    # server leaves form bodies to the application (jobs.serving).
+    multipart = post(b"not a multipart body", "multipart/form-data; boundary=x")
+    assert_error(multipart, 415, "unsupported_media_type")
+    assert_error(post(b"{oops", "application/json"), 400, "bad_json")
+    too_big = b'{"job_id": "x", "title": "' + b"x" * 20000 + b'"}'
+    assert_error(post(too_big, "application/json"), 413, "too_large")
     assert_error(
         client.get("/healthz", headers={"Host": "evil.example"}), 400, "bad_host"
     )
