@@ -46,21 +46,27 @@ from jobs.consumers import JobConsumer  # noqa: E402
 from jobs.handlers import ApiHandler  # noqa: E402
 from jobs.logging import (  # noqa: E402
     defer_autobahn_debug_formatting,
+    drop_twisted_request_log,
     redact_daphne_access_log,
 )
 from jobs.serving import (  # noqa: E402
     leave_form_bodies_to_the_application,
+    send_responses_at_once,
     write_frames_at_once,
 )
 
 # daphne's own access log writes whole URIs, api_key included: redact it here,
 # which covers every daphne command line (docs/observability.md).
 redact_daphne_access_log()
+# Twisted's own request log would print them whole at daphne's -v 2.
+drop_twisted_request_log()
 # Spare every WebSocket connection and frame debug lines nobody reads, and
-# every POST a form parse nobody uses; send frames without a loop turn each.
+# every POST a form parse nobody uses; send frames and responses without a
+# loop turn each.
 defer_autobahn_debug_formatting()
 leave_form_bodies_to_the_application()
 write_frames_at_once()
+send_responses_at_once()
 
 Scope = dict[str, Any]
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import socket
 import time
 from collections.abc import Callable, Iterator
 from urllib.parse import urljoin
@@ -11,8 +13,9 @@ import httpx
 import pytest
 
 from gateway_client import signing
+from jobs import serving
 from tests.conftest import assert_error, process_env
-from tests.servers import DaphneProcess
+from tests.servers import LOOPBACK, DaphneProcess
 from tests.stack import STACK
 
 Sign = Callable[..., dict[str, str]]
@@ -125,3 +128,106 @@ def test_admin_login_page_and_its_styles(client: httpx.Client) -> None:
         assert css.status_code == 200, href
         assert css.headers["content-type"].startswith("text/css"), href
         assert css.content
+
+
+# --- Responses sent at once (jobs.serving) ----------------------------------------
+
+
+def _raw_exchange(port: int, requests: bytes, *, receive_buffer: int = 0) -> bytes:
+    """Send ``requests`` on one connection; everything read until it closes."""
+    with socket.socket() as sock:
+        if receive_buffer:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        sock.settimeout(10)
+        sock.connect((LOOPBACK, port))
+        sock.sendall(requests)
+        received = b""
+        while chunk := sock.recv(4096):
+            received += chunk
+    return received
+
+
+def _responses(received: bytes) -> list[tuple[int, bytes]]:
+    """Split what came back into (status, body): sized or chunked bodies."""
+    responses = []
+    while received:
+        head, _, received = received.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+        if "content-length" in headers:
+            length = int(headers["content-length"])
+            body, received = received[:length], received[length:]
+        else:
+            assert headers["transfer-encoding"] == "chunked"
+            body = b""
+            while True:
+                size, _, received = received.partition(b"\r\n")
+                chunk, received = received[: int(size, 16)], received[int(size, 16) :]
+                assert received.startswith(b"\r\n")
+                received = received[2:]
+                if not chunk:
+                    break
+                body += chunk
+        responses.append((int(lines[0].split()[1]), body))
+    return responses
+
+
+def _get(path: str, *, close: bool = False) -> bytes:
+    connection = "Connection: close\r\n" if close else ""
+    return f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n{connection}\r\n".encode()
+
+
+@pytest.mark.usefixtures("client")
+def test_pipelined_responses_arrive_whole_in_order(gateway: DaphneProcess) -> None:
+    # Three requests at once on one connection: each response whole, in the
+    # order asked, then the close the last one asked for.
+    received = _raw_exchange(
+        gateway.port,
+        _get("/healthz") + _get("/openapi.json") + _get("/nowhere", close=True),
+    )
+    (health, ok), (schema, document), (missing, error) = _responses(received)
+    assert (health, json.loads(ok)) == (200, {"ok": True})
+    assert schema == 200
+    assert json.loads(document)["openapi"].startswith("3.1")
+    assert missing == 404
+    assert json.loads(error)["error"] == "not_found"
+
+
+@pytest.mark.usefixtures("client")
+def test_large_responses_sent_in_parts_arrive_whole_in_order(
+    transactional_db: None, sign: Sign
+) -> None:
+    # Two 2 MB jobs pulled at once over a small receive window. Django sends
+    # a body in 64 KB parts: all but the last go through Twisted's buffer,
+    # and the last, held, must go behind them, not ahead.
+    padding = {f"f{n}": "x" * 20_000 for n in range(100)}
+    env = process_env(MAX_JOB_BYTES=str(4 * 1024 * 1024))
+    with (
+        DaphneProcess(env=env) as server,
+        httpx.Client(base_url=server.base_url, timeout=10) as http,
+    ):
+        posted = []
+        for number in range(2):
+            job = {"job_id": f"large-{number}", "fields": padding}
+            answer = http.post("/job", json=job, headers=sign())
+            assert answer.status_code == 201, answer.text
+            posted.append(answer.json()["job"])
+        signature = "".join(f"{name}: {value}\r\n" for name, value in sign().items())
+        pull = _get("/job/next").replace(b"\r\n\r\n", f"\r\n{signature}\r\n".encode())
+        closing = pull.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+        received = _raw_exchange(server.port, pull + closing, receive_buffer=4096)
+    pulled = [
+        (status, json.loads(body)["job"]) for status, body in _responses(received)
+    ]
+    assert pulled == [(200, job) for job in posted]
+
+
+def test_the_asgi_module_makes_daphne_send_responses_at_once() -> None:
+    from daphne.http_protocol import WebRequest
+
+    import gateway_project.asgi  # noqa: F401 (applies it)
+
+    handle_reply = WebRequest.handle_reply
+    assert getattr(handle_reply, "sends_at_once", False)
+    serving.send_responses_at_once()  # twice changes nothing
+    assert WebRequest.handle_reply is handle_reply

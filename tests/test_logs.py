@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from autobahn.twisted import websocket as autobahn_adapter
 from autobahn.websocket import protocol as autobahn_protocol
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -141,6 +142,22 @@ async def test_no_secret_reaches_any_log(json_gateway: DaphneProcess) -> None:
 
 
 @pytest.mark.processes
+async def test_daphne_at_its_highest_verbosity_logs_no_secret(
+    transactional_db: None,
+) -> None:
+    # At -v 2 daphne hands Twisted's log to Python's: Twisted's own request
+    # line (the whole URI) must not be written at all.
+    with DaphneProcess(env=process_env(), extra_args=["-v", "2"]) as daphne:
+        async with httpx.AsyncClient(base_url=daphne.base_url, trust_env=False) as http:
+            await http.get(f"/health?api_key={SECRET}")
+        # daphne's own line, written after Twisted's would have been.
+        daphne.wait_for_output('"GET /health?api_key=[redacted]" 401')
+        output = daphne.output()
+    assert "/health?api_key=[redacted] 401" in output  # the gateway's line
+    assert SECRET not in output
+
+
+@pytest.mark.processes
 async def test_plain_lines_redact_too(live_gateway: Any) -> None:
     async with httpx.AsyncClient(
         base_url=live_gateway.base_url, trust_env=False
@@ -183,6 +200,15 @@ def test_autobahn_formats_its_debug_lines_only_when_written() -> None:
     assert value.times == 2
     assert "[counted]" in line
     assert "WebSocketProtocol.sendData" in line
+    # What its Twisted adapter hands them for each connection and read.
+    adapted = [
+        autobahn_adapter.hltype(autobahn_adapter.WebSocketAdapterProtocol.dataReceived),  # type: ignore[attr-defined,no-untyped-call]
+        autobahn_adapter.hlval(value),  # type: ignore[attr-defined,no-untyped-call]
+    ]
+    assert value.times == 2
+    line = "{} {}".format(*adapted)
+    assert value.times == 3
+    assert "WebSocketAdapterProtocol.dataReceived" in line
     timings = autobahn_protocol.Timings()  # type: ignore[no-untyped-call]
     timings.track("opened")
     assert isinstance(str(timings), str)
