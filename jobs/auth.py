@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import random
 from typing import Any
 from urllib.parse import quote
 
@@ -18,6 +19,9 @@ from jobs.responses import ApiError
 # Characters a path may carry unescaped (RFC 3986 pchar and "/"), for the rare
 # request that reaches us without its raw path.
 _PATH_SAFE = "/:@!$&'()*+,;=~"
+
+# A held refusal waits the delay give or take up to this share of it, at random.
+REFUSAL_JITTER = 0.25
 
 
 async def authenticate(request: HttpRequest) -> signing.Verified:
@@ -45,16 +49,22 @@ async def authenticate(request: HttpRequest) -> signing.Verified:
 
 
 async def hold_refusal() -> None:
-    """Wait ``AUTH_FAILURE_DELAY_SECONDS`` before refusing a credential.
+    """Wait about ``AUTH_FAILURE_DELAY_SECONDS`` before refusing a credential.
 
     A client waits for each answer on its connection, so a flood of forged
-    requests gets one refusal per connection per delay; a held refusal costs
-    the server a timer, not a turn of its event loop. Valid requests are never
-    held (docs/security.md, "Refused credentials").
+    requests gets about one refusal per connection per delay; a held refusal
+    costs the server a timer, not a turn of its event loop. Valid requests are
+    never held (docs/security.md, "Refused credentials").
+
+    The wait varies by up to ``REFUSAL_JITTER`` of the delay either way: held
+    exactly as long, a flood's connections, sent together, came back together
+    after every delay, in waves that kept a process busy for tens of
+    milliseconds at a time; spread, they arrive evenly, as many a second.
     """
     delay = settings.AUTH_FAILURE_DELAY_SECONDS
     if delay > 0:
-        await asyncio.sleep(delay)
+        spread = random.uniform(-REFUSAL_JITTER, REFUSAL_JITTER)
+        await asyncio.sleep(delay * (1 + spread))
 
 
 async def remember_nonce(verified: signing.Verified) -> None:

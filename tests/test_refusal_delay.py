@@ -1,4 +1,4 @@
-"""Refused credentials wait ``AUTH_FAILURE_DELAY_SECONDS``; valid requests never do.
+"""Refused credentials wait about ``AUTH_FAILURE_DELAY_SECONDS``; valid ones never do.
 
 In process for each kind of credential, then through a real daphne: refusals
 held there must not hold up the valid requests it serves meanwhile.
@@ -7,8 +7,10 @@ held there must not hold up the valid requests it serves meanwhile.
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from types import SimpleNamespace
 from typing import TypeVar
 
 import httpx
@@ -20,6 +22,8 @@ from websockets.exceptions import InvalidStatus
 
 from gateway_client import signing
 from gateway_project.asgi import application
+from jobs import auth
+from jobs.auth import REFUSAL_JITTER
 from tests.conftest import assert_error, process_env
 from tests.servers import DaphneProcess
 from tests.stack import API_KEY, HMAC_SECRET
@@ -34,8 +38,9 @@ DELAY = 0.5
 
 @pytest.fixture
 def delay(settings: Settings) -> float:
+    """The shortest a refusal is held: the delay, less its jitter."""
     settings.AUTH_FAILURE_DELAY_SECONDS = DELAY
-    return DELAY
+    return DELAY * (1 - REFUSAL_JITTER)
 
 
 async def timed(call: Awaitable[T]) -> tuple[T, float]:
@@ -49,6 +54,26 @@ def forged(sign: Sign) -> dict[str, str]:
 
 
 # --- In process -----------------------------------------------------------------
+
+
+async def test_holds_spread_around_the_delay(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Held exactly as long, a flood's connections would come back in waves.
+    settings.AUTH_FAILURE_DELAY_SECONDS = DELAY
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(auth, "asyncio", SimpleNamespace(sleep=sleep))
+    for _ in range(200):
+        await auth.hold_refusal()
+    shortest, longest = DELAY * (1 - REFUSAL_JITTER), DELAY * (1 + REFUSAL_JITTER)
+    assert all(shortest <= wait <= longest for wait in waits)
+    assert max(waits) - min(waits) > DELAY * REFUSAL_JITTER  # spread, not one value
+    # As many refusals a second as without the spread.
+    assert statistics.mean(waits) == pytest.approx(DELAY, rel=0.05)
 
 
 @pytest.mark.parametrize(
@@ -138,6 +163,7 @@ async def test_a_handshake_refused_for_anything_else_does_not_wait(
 # --- Through daphne -------------------------------------------------------------
 
 LIVE_DELAY = 1.0
+LIVE_SHORTEST_HOLD = LIVE_DELAY * (1 - REFUSAL_JITTER)
 FORGED = 12
 
 
@@ -189,7 +215,7 @@ async def test_held_refusals_do_not_hold_up_valid_requests(
             served.append(took)
         answers = [attack.result() for attack in attacks]
     assert sorted({status for status, _ in answers}) == [401, 403]
-    assert min(held for _, held in answers) >= LIVE_DELAY
+    assert min(held for _, held in answers) >= LIVE_SHORTEST_HOLD
     # Valid polls went on being answered while the refusals were held.
     assert len(served) >= 2
-    assert max(served) < LIVE_DELAY
+    assert max(served) < LIVE_SHORTEST_HOLD
