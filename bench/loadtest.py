@@ -82,6 +82,10 @@ ANSWER_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 20.0
 # Let the flood reach its pace before the measured phase starts.
 FLOOD_RAMP = 1.0
+# The flood's connections start, and resume after a pause, each at a moment
+# of its own within a second (the gateway's default hold), or within the
+# ramp or a turn's settle if shorter: a flood under way arrives spread out.
+FLOOD_SPREAD = 1.0
 # The flood's turns, repeated: each pair of turns in the opposite order to the
 # pair before, so that a drift over the phase weighs on both sides alike.
 TURN_ORDER = (False, True, True, False)
@@ -118,6 +122,11 @@ class Load:
     def turn_seconds(self) -> float:
         return self.duration / self.turns if self.turns else self.duration
 
+    @property
+    def turn_settle(self) -> float:
+        """A turn's first seconds, left out of both sides."""
+        return min(TURN_SETTLE, self.turn_seconds / 4)
+
     def flooded_at(self, offset: float) -> bool | None:
         """Whether a job posted ``offset`` s into publishing had the flood on.
 
@@ -129,8 +138,7 @@ class Load:
         number = math.floor(offset / self.turn_seconds)
         if not 0 <= number < self.turns:
             return None
-        settle = min(TURN_SETTLE, self.turn_seconds / 4)
-        if offset - number * self.turn_seconds < settle:
+        if offset - number * self.turn_seconds < self.turn_settle:
             return None
         return TURN_ORDER[number % len(TURN_ORDER)]
 
@@ -383,6 +391,9 @@ async def run_phase(stack: Stack, load: Load, phase: str) -> PhaseResult:
                 base_urls,
                 concurrency=load.flood_concurrency,
                 rate=load.flood_rate,
+                spread=min(
+                    FLOOD_SPREAD, load.turn_settle if load.turns else FLOOD_RAMP
+                ),
             )
             await flooder.started()
             await asyncio.sleep(FLOOD_RAMP)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import random
 import secrets
 import time
 from collections import Counter
@@ -257,7 +258,11 @@ def admitted(answers: Mapping[str, int]) -> int:
 
 
 async def _flood(
-    conn: Connection, base_urls: Sequence[str], concurrency: int, rate: float
+    conn: Connection,
+    base_urls: Sequence[str],
+    concurrency: int,
+    rate: float,
+    spread: float,
 ) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -292,11 +297,13 @@ async def _flood(
     async def sender(session: aiohttp.ClientSession, number: int) -> None:
         nonlocal sent
         base_url = base_urls[number % len(base_urls)]
+        await asyncio.sleep(random.uniform(0.0, spread))
         next_at = loop.time()
         count = number
         while not stop.is_set():
             if not flooding.is_set():
                 await flooding.wait()
+                await asyncio.sleep(random.uniform(0.0, spread))
                 next_at = loop.time()
                 continue
             if interval:
@@ -329,25 +336,37 @@ async def _flood(
 
 
 def _serve_flood(
-    conn: Connection, base_urls: Sequence[str], concurrency: int, rate: float
+    conn: Connection,
+    base_urls: Sequence[str],
+    concurrency: int,
+    rate: float,
+    spread: float,
 ) -> None:
-    run_async(_flood(conn, base_urls, concurrency, rate))
+    run_async(_flood(conn, base_urls, concurrency, rate, spread))
 
 
 class FloodProcess:
     """The flood, in a process of its own so that it has its own event loop.
 
     Its connections take turns over ``base_urls`` (several gateway processes).
+    Each starts, and resumes after a pause, at a random moment within
+    ``spread`` seconds, as the connections of a flood under way arrive; all at
+    once, each start would be a wave of its own.
     """
 
     def __init__(
-        self, base_urls: Sequence[str], *, concurrency: int, rate: float
+        self,
+        base_urls: Sequence[str],
+        *,
+        concurrency: int,
+        rate: float,
+        spread: float = 0.0,
     ) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         self.process = context.Process(
             target=_serve_flood,
-            args=(child, list(base_urls), concurrency, rate),
+            args=(child, list(base_urls), concurrency, rate, spread),
             name="loadtest-flood",
             daemon=True,
         )

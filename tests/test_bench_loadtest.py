@@ -14,10 +14,12 @@ import asyncio
 import contextlib
 import json
 import math
+import multiprocessing
 
 import httpx
 import pytest
 
+from bench import loadtest_http
 from bench.common import Signer
 from bench.fanout_client import Publication
 from bench.loadtest import (
@@ -31,7 +33,7 @@ from bench.loadtest import (
     run_phase,
     side_of,
 )
-from bench.loadtest_http import tally_workers
+from bench.loadtest_http import FloodReport, tally_workers
 from bench.loadtest_ws import LoadClient, LoadPool, Receipt, job_name, tally_ws
 
 PREFIX = "load-test-abc123"
@@ -314,6 +316,44 @@ def test_a_short_phase_with_the_flood_in_turns_tallies_each_side() -> None:
     flooded = flood["seconds"]
     assert isinstance(flooded, float)
     assert flooded < FLOOD_RAMP + load.duration
+
+
+async def test_the_floods_connections_start_spread_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # All at once, each start (and resume) of the flood would be a wave.
+    connections, spread = 16, 0.4
+    loop = asyncio.get_running_loop()
+    first_sends: list[float] = []
+    all_sent = asyncio.Event()
+
+    async def send_forged(session: object, kind: str, base_url: str) -> str:
+        first_sends.append(loop.time())
+        if len(first_sends) == connections:
+            all_sent.set()
+        await asyncio.sleep(1.0)  # a held refusal: nobody sends twice meanwhile
+        return "HTTP 401"
+
+    monkeypatch.setattr(loadtest_http, "send_forged", send_forged)
+    ours, theirs = multiprocessing.Pipe()
+    started = loop.time()
+    flood = asyncio.create_task(
+        loadtest_http._flood(theirs, ["http://unused"], connections, 0.0, spread)
+    )
+    await asyncio.wait_for(all_sent.wait(), 10)
+    ours.send("stop")
+    await asyncio.wait_for(flood, 10)
+    assert ours.recv() == "started"
+    report = ours.recv()
+    assert isinstance(report, FloodReport)
+    assert report.answers == {"HTTP 401": connections}
+    offsets = [sent - started for sent in first_sends]
+    assert max(offsets) < spread + 0.5
+    # Sixteen random moments within 0.4 s all fall within 0.1 s about once
+    # in 10^8 runs.
+    assert max(offsets) - min(offsets) > spread / 4
+    ours.close()
+    theirs.close()
 
 
 def test_quick_is_a_small_run() -> None:
