@@ -17,6 +17,9 @@ from jobs.responses import ApiError, unavailable
 
 logger = logging.getLogger(__name__)
 
+# Answers that carry no body, and so no Content-Length (RFC 9110, 8.6).
+_NO_BODY = frozenset({204, 304})
+
 
 class ApiMiddleware:
     """Turn exceptions into the contract's JSON errors; never an HTML page.
@@ -49,6 +52,10 @@ class ApiMiddleware:
                 client=request_ip(request),
             )
         response["X-Request-ID"] = rid
+        if not response.streaming and response.status_code not in _NO_BODY:
+            # As Django's CommonMiddleware does: without it, daphne sends
+            # every answer chunked.
+            response["Content-Length"] = str(len(response.content))
         return response
 
     async def _respond(self, request: HttpRequest) -> HttpResponse:

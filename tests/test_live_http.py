@@ -6,7 +6,8 @@ import json
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple
 from urllib.parse import urljoin
 
 import httpx
@@ -147,19 +148,25 @@ def _raw_exchange(port: int, requests: bytes, *, receive_buffer: int = 0) -> byt
     return received
 
 
-def _responses(received: bytes) -> list[tuple[int, bytes]]:
-    """Split what came back into (status, body): sized or chunked bodies."""
+class _Answer(NamedTuple):
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+
+def _responses(received: bytes) -> list[_Answer]:
+    """Split what came back into answers: sized, chunked or bodiless."""
     responses = []
     while received:
         head, _, received = received.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
         headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+        body = b""
         if "content-length" in headers:
             length = int(headers["content-length"])
             body, received = received[:length], received[length:]
-        else:
-            assert headers["transfer-encoding"] == "chunked"
-            body = b""
+        elif headers.get("transfer-encoding") == "chunked":
             while True:
                 size, _, received = received.partition(b"\r\n")
                 chunk, received = received[: int(size, 16)], received[int(size, 16) :]
@@ -168,13 +175,42 @@ def _responses(received: bytes) -> list[tuple[int, bytes]]:
                 if not chunk:
                     break
                 body += chunk
-        responses.append((int(lines[0].split()[1]), body))
+        else:
+            assert status in (204, 304), head
+        responses.append(_Answer(status, headers, body))
     return responses
 
 
-def _get(path: str, *, close: bool = False) -> bytes:
-    connection = "Connection: close\r\n" if close else ""
-    return f"GET {path} HTTP/1.1\r\nHost: {LOOPBACK}\r\n{connection}\r\n".encode()
+def _get(
+    path: str, *, close: bool = False, headers: Mapping[str, str] | None = None
+) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", f"Host: {LOOPBACK}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.usefixtures("client")
+def test_answers_say_their_length_and_are_not_chunked(
+    gateway: DaphneProcess, sign: Sign
+) -> None:
+    answers = _responses(
+        _raw_exchange(
+            gateway.port,
+            _get("/healthz")
+            + _get("/job/next")  # unsigned: 401
+            + _get("/job/next", headers=sign())  # nothing queued: 204
+            + _get("/nowhere", close=True),
+        )
+    )
+    assert [answer.status for answer in answers] == [200, 401, 204, 404]
+    assert all("transfer-encoding" not in answer.headers for answer in answers)
+    # 204 has no body, and so no length; the others say theirs.
+    assert "content-length" not in answers[2].headers
+    for answer in (answers[0], answers[1], answers[3]):
+        assert answer.headers["content-length"] == str(len(answer.body))
+        assert json.loads(answer.body)
 
 
 @pytest.mark.usefixtures("client")
@@ -185,7 +221,9 @@ def test_pipelined_responses_arrive_whole_in_order(gateway: DaphneProcess) -> No
         gateway.port,
         _get("/healthz") + _get("/openapi.json") + _get("/nowhere", close=True),
     )
-    (health, ok), (schema, document), (missing, error) = _responses(received)
+    (health, ok), (schema, document), (missing, error) = (
+        (answer.status, answer.body) for answer in _responses(received)
+    )
     assert (health, json.loads(ok)) == (200, {"ok": True})
     assert schema == 200
     assert json.loads(document)["openapi"].startswith("3.1")
@@ -212,12 +250,13 @@ def test_large_responses_sent_in_parts_arrive_whole_in_order(
             answer = http.post("/job", json=job, headers=sign())
             assert answer.status_code == 201, answer.text
             posted.append(answer.json()["job"])
-        signature = "".join(f"{name}: {value}\r\n" for name, value in sign().items())
-        pull = _get("/job/next").replace(b"\r\n\r\n", f"\r\n{signature}\r\n".encode())
-        closing = pull.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
-        received = _raw_exchange(server.port, pull + closing, receive_buffer=4096)
+        pulls = _get("/job/next", headers=sign()) + _get(
+            "/job/next", headers=sign(), close=True
+        )
+        received = _raw_exchange(server.port, pulls, receive_buffer=4096)
     pulled = [
-        (status, json.loads(body)["job"]) for status, body in _responses(received)
+        (answer.status, json.loads(answer.body)["job"])
+        for answer in _responses(received)
     ]
     assert pulled == [(200, job) for job in posted]
 
