@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from discord_poller.embeds import ParsedJob, parse_message, plain_text
@@ -374,11 +374,18 @@ INVISIBLE = "\u200b\u2060\ufeff"
         )
     )
 )
+@example("\ud800")
 def test_text_without_markdown_keeps_every_visible_character(text: str) -> None:
-    # Only whitespace (trailing, edges, CRLF as LF), zero-width marks and NUL go.
+    # Only whitespace (trailing, edges, CRLF as LF), zero-width marks, NUL and
+    # unpaired surrogates (no database stores them) go.
     def visible(value: str) -> str:
         return "".join(
-            c for c in value if not c.isspace() and c not in INVISIBLE and c != "\x00"
+            c
+            for c in value
+            if not c.isspace()
+            and c not in INVISIBLE
+            and c != "\x00"
+            and not "\ud800" <= c <= "\udfff"
         )
 
     result = plain_text(text)
