@@ -1,9 +1,10 @@
 """The seed service (FastAPI + uvicorn), run as the yardstick.
 
-Its folder is ``../shared/baseline/seed_fastapi`` beside the repository unless
-``--baseline-dir`` or ``BENCH_BASELINE_DIR`` names another. Its requirements are
-installed once into ``bench/.seed-venv`` (not committed) and reinstalled only
-when its ``requirements.txt`` changes.
+It is not part of this repository: ``--baseline-dir`` or ``BENCH_BASELINE_DIR``
+names its folder (the one with its ``app.py``), and without either the
+benchmarks run the gateway alone. Its requirements are installed once into
+``bench/.seed-venv`` (not committed) and reinstalled only when its
+``requirements.txt`` changes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from bench.common import API_KEY, HMAC_SECRET, REPO_ROOT
 from tests.servers import LOOPBACK, ManagedProcess, free_port, wait_for_http
 
 BASELINE_DIR_ENV = "BENCH_BASELINE_DIR"
-DEFAULT_BASELINE_DIR = REPO_ROOT.parent / "shared" / "baseline" / "seed_fastapi"
 VENV_DIR = REPO_ROOT / "bench" / ".seed-venv"
 _STAMP = "requirements.sha256"
 _INSTALL_TIMEOUT = 600.0
@@ -31,8 +31,12 @@ class BaselineUnavailableError(RuntimeError):
 
 
 def find_baseline(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """The seed's folder: ``explicit``, else the environment, else the default."""
-    chosen = explicit or os.environ.get(BASELINE_DIR_ENV) or DEFAULT_BASELINE_DIR
+    """The seed's folder: ``explicit``, else the environment's."""
+    chosen = explicit or os.environ.get(BASELINE_DIR_ENV)
+    if not chosen:
+        raise BaselineUnavailableError(
+            f"no seed folder given; pass --baseline-dir or set {BASELINE_DIR_ENV}"
+        )
     folder = Path(chosen).resolve()
     for needed in ("app.py", "requirements.txt"):
         if not (folder / needed).is_file():
@@ -142,8 +146,8 @@ def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed options every benchmark reads: see ``seed_factory``."""
     parser.add_argument(
         "--baseline-dir",
-        help="the seed service's folder (default: ../shared/baseline/seed_fastapi "
-        "beside the repository, or BENCH_BASELINE_DIR)",
+        help=f"the seed service's folder (default: {BASELINE_DIR_ENV}; "
+        "without either, the gateway runs alone)",
     )
     parser.add_argument(
         "--no-baseline", action="store_true", help="run the gateway alone"
