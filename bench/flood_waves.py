@@ -23,11 +23,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import aiohttp
-
 from bench.common import machine_summary, run_async
 from bench.gateway import Gateway
-from bench.loadtest_http import FLOOD_KINDS, admitted, send_forged
+from bench.loadtest_http import FLOOD_KINDS, ForgedClient, admitted
 
 WINDOW = 0.05  # seconds
 # Left out of the figures: the first sends go out together whatever the holds.
@@ -69,17 +67,17 @@ async def flood(
     answers: Counter[str] = Counter()
     started = time.monotonic()
     deadline = started + seconds
-    connector = aiohttp.TCPConnector(limit=connections)
-    async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def sender(number: int) -> None:
-            while (now := time.monotonic()) < deadline:
-                sent_at.append(now - started)
-                kind = FLOOD_KINDS[number % len(FLOOD_KINDS)]
-                answers[await send_forged(session, kind, base_url)] += 1
-                number += 1
+    async def sender(number: int) -> None:
+        client = ForgedClient(base_url)
+        while (now := time.monotonic()) < deadline:
+            sent_at.append(now - started)
+            kind = FLOOD_KINDS[number % len(FLOOD_KINDS)]
+            answers[await client.send(kind)] += 1
+            number += 1
+        client.close()
 
-        await asyncio.gather(*(sender(n) for n in range(connections)))
+    await asyncio.gather(*(sender(n) for n in range(connections)))
     return sent_at, answers
 
 

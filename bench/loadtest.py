@@ -703,6 +703,7 @@ def cost_table(phases: Sequence[PhaseResult]) -> str:
         "daphne RSS MiB connected / peak",
         "client procs CPU s",
         "flood req/s",
+        "flood CPU s",
     ]
     rows = [
         [
@@ -718,6 +719,7 @@ def cost_table(phases: Sequence[PhaseResult]) -> str:
             f"{_mib(p.rss_connected_kib)} / {_mib(p.rss_peak_kib)}",
             fmt(p.client_cpu_s, 1),
             fmt(_flood_rate(p)),
+            fmt(_flood_cpu(p), 1),
         ]
         for p in phases
     ]
@@ -725,10 +727,18 @@ def cost_table(phases: Sequence[PhaseResult]) -> str:
 
 
 def _flood_rate(phase: PhaseResult) -> float | None:
+    return _flood_figure(phase, "rate")
+
+
+def _flood_cpu(phase: PhaseResult) -> float | None:
+    return _flood_figure(phase, "cpu_seconds")
+
+
+def _flood_figure(phase: PhaseResult, name: str) -> float | None:
     if not phase.flood:
         return None
-    rate = phase.flood.get("rate")
-    return float(rate) if isinstance(rate, int | float) else None
+    value = phase.flood.get(name)
+    return float(value) if isinstance(value, int | float) else None
 
 
 @dataclass(frozen=True)

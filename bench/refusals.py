@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import statistics
 import sys
 import time
@@ -26,13 +25,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from bench.baseline import add_baseline_arguments, seed_factory
 from bench.common import fmt, format_table, machine_summary, ratio, run_async
 from bench.fanout_proc import cpu_seconds, settle
 from bench.gateway import Gateway
-from bench.loadtest_http import admitted, send_forged
+from bench.loadtest_http import ForgedClient, admitted
 
 WARM_UP = 50
 # Each kind, and its name among the flood's.
@@ -61,17 +58,17 @@ class Server:
 
 async def measure(server: Server, requests: int) -> None:
     """One round: ``requests`` of each kind, the server's CPU per request."""
-    async with aiohttp.ClientSession() as session:
-        for kind, flood_kind in KINDS.items():
-            send = functools.partial(send_forged, session, flood_kind, server.base_url)
-            for _ in range(WARM_UP):
-                await send()
-            await settle([server.pid])
-            before = cpu_seconds([server.pid])
-            for _ in range(requests):
-                server.answers[await send()] += 1
-            spent = cpu_seconds([server.pid]) - before
-            server.cpu_ms.setdefault(kind, []).append(spent * 1000.0 / requests)
+    client = ForgedClient(server.base_url)
+    for kind, flood_kind in KINDS.items():
+        for _ in range(WARM_UP):
+            await client.send(flood_kind)
+        await settle([server.pid])
+        before = cpu_seconds([server.pid])
+        for _ in range(requests):
+            server.answers[await client.send(flood_kind)] += 1
+        spent = cpu_seconds([server.pid]) - before
+        server.cpu_ms.setdefault(kind, []).append(spent * 1000.0 / requests)
+    client.close()
 
 
 def report(servers: Sequence[Server], rounds: int) -> str:

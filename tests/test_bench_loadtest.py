@@ -15,12 +15,13 @@ import contextlib
 import json
 import math
 import multiprocessing
+import time
 
 import httpx
 import pytest
 
 from bench import loadtest_http
-from bench.common import Signer
+from bench.common import API_KEY, Signer
 from bench.fanout_client import Publication
 from bench.loadtest import (
     FLOOD_RAMP,
@@ -327,14 +328,21 @@ async def test_the_floods_connections_start_spread_out(
     first_sends: list[float] = []
     all_sent = asyncio.Event()
 
-    async def send_forged(session: object, kind: str, base_url: str) -> str:
-        first_sends.append(loop.time())
-        if len(first_sends) == connections:
-            all_sent.set()
-        await asyncio.sleep(1.0)  # a held refusal: nobody sends twice meanwhile
-        return "HTTP 401"
+    class StandIn:
+        def __init__(self, base_url: str) -> None:
+            pass
 
-    monkeypatch.setattr(loadtest_http, "send_forged", send_forged)
+        async def send(self, kind: str) -> str:
+            first_sends.append(loop.time())
+            if len(first_sends) == connections:
+                all_sent.set()
+            await asyncio.sleep(1.0)  # a held refusal: nobody sends twice meanwhile
+            return "HTTP 401"
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(loadtest_http, "ForgedClient", StandIn)
     ours, theirs = multiprocessing.Pipe()
     started = loop.time()
     flood = asyncio.create_task(
@@ -354,6 +362,94 @@ async def test_the_floods_connections_start_spread_out(
     assert max(offsets) - min(offsets) > spread / 4
     ours.close()
     theirs.close()
+
+
+class RecordingServer:
+    """Answers every request with ``status``; notes connections and requests.
+
+    ``sized`` False answers without a ``Content-Length`` and closes, as an
+    HTTP/1.0 server does.
+    """
+
+    def __init__(self, *, sized: bool = True) -> None:
+        self.sized = sized
+        self.connections = 0
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.server.close()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                request_line, *lines = (
+                    (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+                )
+                headers = dict(line.split(": ", 1) for line in lines if ": " in line)
+                body = await reader.readexactly(int(headers.get("Content-Length", 0)))
+                self.requests.append((request_line, headers, body))
+                websocket = headers.get("Upgrade") == "websocket"
+                status = b"403 Forbidden" if websocket else b"401 Unauthorized"
+                answer = b'{"error": "forged"}'
+                if self.sized and not websocket:
+                    head = b"Content-Length: %d\r\n" % len(answer)
+                    writer.write(b"HTTP/1.1 %s\r\n%s\r\n%s" % (status, head, answer))
+                else:
+                    writer.write(b"HTTP/1.1 %s\r\n\r\n%s" % (status, answer))
+                    writer.close()
+                    return
+                await writer.drain()
+        writer.close()
+
+
+async def test_forged_requests_share_a_connection_handshakes_take_one_each() -> None:
+    server = RecordingServer()
+    async with server as base_url:
+        client = loadtest_http.ForgedClient(base_url)
+        answers = [await client.send(kind) for kind in ("post", "next", "post")]
+        assert answers == ["HTTP 401"] * 3
+        assert server.connections == 1
+        assert [await client.send("ws") for _ in range(2)] == ["WS 403"] * 2
+        assert server.connections == 3
+        client.close()
+    lines = [line for line, _, _ in server.requests]
+    assert lines[:3] == [
+        "POST /job HTTP/1.1",
+        "GET /job/next?wait=10 HTTP/1.1",
+        "POST /job HTTP/1.1",
+    ]
+    assert all(line.startswith("GET /ws?api_key=forged-") for line in lines[3:])
+    for line, headers, body in server.requests[:3]:
+        # The right key, a fresh timestamp, a signature that cannot match.
+        assert headers["X-API-KEY"] == API_KEY
+        assert abs(int(headers["X-TIMESTAMP"]) - time.time()) < 60
+        assert len(headers["X-SIGNATURE"]) == 64
+        assert headers["Host"] == base_url.removeprefix("http://")
+        if line.startswith("POST"):
+            assert headers["Content-Type"] == "application/json"
+            assert json.loads(body)["job_id"].startswith("forged-")
+    _, handshake, _ = server.requests[3]
+    assert handshake["Sec-WebSocket-Version"] == "13"
+    assert "X-API-KEY" not in handshake
+
+
+async def test_an_answer_without_a_length_ends_with_its_connection() -> None:
+    server = RecordingServer(sized=False)
+    async with server as base_url:
+        client = loadtest_http.ForgedClient(base_url)
+        assert [await client.send("post") for _ in range(2)] == ["HTTP 401"] * 2
+        client.close()
+    # The body was read to the end of the connection; the next request
+    # opened another.
+    assert server.connections == 2
 
 
 def test_quick_is_a_small_run() -> None:
