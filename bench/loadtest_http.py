@@ -314,6 +314,16 @@ class ForgedClient:
 
 _USER_AGENT = "loadtest-flood/1"
 
+# What ``ForgedClient.send`` raises when a connection fails or an answer is not
+# HTTP: counted as an answer of its own, as a flood would shrug it off.
+FORGED_SEND_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+    ValueError,
+)
+
 
 def _head(raw: bytes) -> tuple[int, dict[str, str]]:
     """An answer's status and headers (names lower-cased), from its head."""
@@ -323,7 +333,11 @@ def _head(raw: bytes) -> tuple[int, dict[str, str]]:
         name, sep, value = line.partition(":")
         if sep:
             headers[name.strip().lower()] = value.strip()
-    return int(status_line.split(" ", 2)[1]), headers
+    version, _, rest = status_line.partition(" ")
+    status = rest[:3]
+    if not version.startswith("HTTP/") or not status.isdigit():
+        raise ValueError(f"not an HTTP answer: {status_line[:80]!r}")
+    return int(status), headers
 
 
 def admitted(answers: Mapping[str, int]) -> int:
@@ -391,7 +405,7 @@ async def _flood(
             count += 1
             try:
                 answers[await client.send(kind)] += 1
-            except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            except FORGED_SEND_ERRORS as exc:
                 answers[type(exc).__name__] += 1
             sent += 1
         client.close()

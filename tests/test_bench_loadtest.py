@@ -452,6 +452,25 @@ async def test_an_answer_without_a_length_ends_with_its_connection() -> None:
     assert server.connections == 2
 
 
+async def test_a_garbled_answer_or_a_closed_port_is_an_error_the_flood_counts() -> None:
+    async def garble(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"nonsense\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garble, "127.0.0.1", 0)
+    base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    with pytest.raises(loadtest_http.FORGED_SEND_ERRORS, match="not an HTTP answer"):
+        await loadtest_http.ForgedClient(base_url).send("post")
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(loadtest_http.FORGED_SEND_ERRORS):
+        await loadtest_http.ForgedClient(base_url).send("next")
+
+
 def test_quick_is_a_small_run() -> None:
     args = parse_args(["--quick"])
     assert (args.clients, args.workers, args.duration) == (100, 10, 10.0)
