@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import weakref
 from typing import Any, Protocol
 
 from channels.layers import get_channel_layer
@@ -32,6 +31,7 @@ from django.conf import settings
 
 from jobs import groups
 from jobs.filters import JobFilter
+from jobs.loops import PerLoop
 
 logger = logging.getLogger(__name__)
 
@@ -254,15 +254,9 @@ def _wants(job_filter: JobFilter, job: dict[str, Any]) -> bool:
     return job_filter.is_empty or job_filter.matches(job)
 
 
-_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = (
-    weakref.WeakKeyDictionary()
-)
+_hubs: PerLoop[Hub] = PerLoop(Hub)
 
 
 def hub() -> Hub:
     """This process's hub (one per event loop: tests run several loops)."""
-    loop = asyncio.get_running_loop()
-    found = _hubs.get(loop)
-    if found is None:
-        found = _hubs[loop] = Hub()
-    return found
+    return _hubs.get()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import weakref
 from functools import cache
 
 import redis
@@ -11,15 +9,11 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from redis.commands.core import AsyncScript
 
+from jobs.loops import PerLoop
+
 # Seconds: fail fast when Redis is down, so callers can answer 503 quickly.
 CONNECT_TIMEOUT = 2
 SOCKET_TIMEOUT = 5
-_async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
-    weakref.WeakKeyDictionary()
-)
-_async_scripts: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[str, AsyncScript]
-] = weakref.WeakKeyDictionary()
 
 
 @cache
@@ -32,16 +26,18 @@ def sync_client() -> redis.Redis:
 
 def async_client() -> aioredis.Redis:
     """A client bound to the running loop (tests run several loops in one process)."""
-    loop = asyncio.get_running_loop()
-    client = _async_clients.get(loop)
-    if client is None:
-        client = aioredis.Redis.from_url(
-            _url(),
-            socket_connect_timeout=CONNECT_TIMEOUT,
-            socket_timeout=SOCKET_TIMEOUT,
-        )
-        _async_clients[loop] = client
-    return client
+    return _async_clients.get()
+
+
+def _new_async_client() -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        _url(), socket_connect_timeout=CONNECT_TIMEOUT, socket_timeout=SOCKET_TIMEOUT
+    )
+
+
+_async_clients: PerLoop[aioredis.Redis] = PerLoop(_new_async_client)
+# Each loop's scripts by source (a script runs on its loop's client).
+_async_scripts: PerLoop[dict[str, AsyncScript]] = PerLoop(dict)
 
 
 def async_script(source: str) -> AsyncScript:
@@ -50,8 +46,7 @@ def async_script(source: str) -> AsyncScript:
     ``register_script`` works out the script's SHA-1 each time it is called:
     once per event loop here, rather than once per claim.
     """
-    loop = asyncio.get_running_loop()
-    scripts = _async_scripts.setdefault(loop, {})
+    scripts = _async_scripts.get()
     script = scripts.get(source)
     if script is None:
         script = scripts[source] = async_client().register_script(source)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,6 +23,7 @@ from django.utils import timezone
 from jobs import groups, metrics, wakeups
 from jobs import logging as logs
 from jobs.db import in_db_thread
+from jobs.loops import PerLoop
 from jobs.models import Job
 from jobs.numbers import numbers_from_fields
 from jobs.payloads import JobDraft
@@ -85,11 +85,7 @@ async def broadcast(job: dict[str, Any]) -> None:
 
     Returns once the message holding it is sent (or could not be: logged).
     """
-    loop = asyncio.get_running_loop()
-    sender = _senders.get(loop)
-    if sender is None:
-        sender = _senders[loop] = _Broadcaster()
-    await sender.send(job)
+    await _senders.get().send(job)
 
 
 class _Broadcaster:
@@ -151,9 +147,7 @@ def _release(waiting: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None
             sent.set_result(None)
 
 
-_senders: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Broadcaster] = (
-    weakref.WeakKeyDictionary()
-)
+_senders: PerLoop[_Broadcaster] = PerLoop(_Broadcaster)
 
 
 @in_db_thread

@@ -24,14 +24,13 @@ import asyncio
 import json
 import logging
 import secrets
-import threading
-import weakref
 from typing import Any, NamedTuple
 
 from django.conf import settings
 
 from jobs import redis_clients
 from jobs.filters import JobFilter
+from jobs.loops import PerLoop
 
 logger = logging.getLogger(__name__)
 
@@ -170,22 +169,13 @@ def _woken(future: asyncio.Future[Woken]) -> Woken | None:
     return None
 
 
-_signals: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Signal] = (
-    weakref.WeakKeyDictionary()
-)
-# Loops add their signal from their own threads while an admin's thread may
-# be copying the lot (announce_from_sync): a copy must not meet an insert.
-_signals_lock = threading.Lock()
+# Copied from an operator's thread by announce_from_sync.
+_signals: PerLoop[Signal] = PerLoop(Signal)
 
 
 def signal() -> Signal:
     """This process's signal for the running event loop."""
-    loop = asyncio.get_running_loop()
-    found = _signals.get(loop)
-    if found is None:
-        with _signals_lock:
-            found = _signals.setdefault(loop, Signal())
-    return found
+    return _signals.get()
 
 
 async def _filtered_wait(
@@ -243,9 +233,7 @@ def announce_from_sync() -> None:
         except Exception as exc:
             logger.warning("could not wake long-polls: %s", exc)
         return
-    with _signals_lock:
-        targets = list(_signals.items())
-    for loop, target in targets:
+    for loop, target in _signals.items():
         if not loop.is_closed():
             loop.call_soon_threadsafe(target.fire)
 

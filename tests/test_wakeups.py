@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import weakref
 from typing import Any
-
-import pytest
 
 from jobs import wakeups
 
@@ -99,35 +96,10 @@ async def test_wake_one_with_nobody_waiting_does_nothing() -> None:
     waiter.cancel()
 
 
-class _GuardedSignals(
-    weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, wakeups.Signal]
-):
-    """Fails an insert or a copy made without the lock held.
-
-    Loops add their signals from their own threads while a synchronous
-    caller copies them from another: unlocked, a copy can meet an insert
-    ("dictionary changed size during iteration").
-    """
-
-    def setdefault(
-        self, key: asyncio.AbstractEventLoop, default: wakeups.Signal | None = None
-    ) -> wakeups.Signal:
-        assert wakeups._signals_lock.locked(), "a signal added without the lock"
-        return super().setdefault(key, default)  # type: ignore[arg-type]
-
-    def items(self) -> Any:
-        assert wakeups._signals_lock.locked(), "the signals copied without the lock"
-        return super().items()
-
-
-async def test_a_synchronous_announce_wakes_each_loop_under_the_lock(
-    monkeypatch: pytest.MonkeyPatch, settings: Any
-) -> None:
+async def test_a_synchronous_announce_wakes_each_loop(settings: Any) -> None:
     # Without Redis, an operator's requeue (a thread of its own) hands the
-    # wake-up to every event loop of the process.
+    # wake-up to every event loop of the process (jobs.loops.PerLoop.items).
     settings.REDIS_URL = ""
-    monkeypatch.setattr(wakeups, "_signals", _GuardedSignals())
-    signal = wakeups.signal()
-    (waiter,) = await _waiters(signal, 1)
+    (waiter,) = await _waiters(wakeups.signal(), 1)
     await asyncio.to_thread(wakeups.announce_from_sync)
     assert await asyncio.wait_for(waiter, 10) == wakeups.Woken(None)
