@@ -204,6 +204,25 @@ def test_requeueing_an_expired_waiting_job_hands_it_out_once(
     assert job.status == Job.Status.CLAIMED
 
 
+def test_a_requeued_job_goes_by_its_id_or_to_the_back_by_backend(
+    staff: Client, queue_backend: str
+) -> None:
+    # README, "Admin": the database queue hands out the oldest id first; the
+    # Redis queue appends the requeued job to its list.
+    first, second, third = (
+        api("POST", "/job", json={"job_id": name}).json()["job"]["id"]
+        for name in ("first", "second", "third")
+    )
+    assert api("GET", "/job/next").json()["job"]["id"] == first
+    act(staff, "requeue", Job.objects.get(pk=first))
+    order = [api("GET", "/job/next").json()["job"]["id"] for _ in range(3)]
+    if queue_backend == "database":
+        assert order == [first, second, third]
+    else:
+        assert order == [second, third, first]
+    assert api("GET", "/job/next").status_code == 204
+
+
 @pytest.mark.usefixtures("queue_backend")
 def test_expire_takes_a_job_out_of_the_queue(staff: Client) -> None:
     posted = api("POST", "/job", json={"job_id": "doomed"}).json()["job"]
