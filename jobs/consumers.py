@@ -8,7 +8,6 @@ lets several jobs share a frame (docs/realtime.md#batched-frames).
 from __future__ import annotations
 
 import json
-import logging
 import re
 import time
 from typing import Any, Literal, TypedDict
@@ -30,8 +29,6 @@ from jobs.filters import MAX_CLAUSES, FilterError, JobFilter, requested_filter
 from jobs.models import Job
 from jobs.ratelimits import check_rate_limit
 from jobs.responses import ApiError
-
-logger = logging.getLogger(__name__)
 
 # Clients only ever send pings; anything bigger is a mistake or an attack.
 MAX_CLIENT_FRAME = 4096
@@ -123,10 +120,10 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             batched = _batched(query)
             job_filter = _filter(self.scope)
         except (HandshakeError, ApiError) as exc:
-            logger.info("WebSocket handshake refused: %s", exc)
-            # Closing before accept() answers the handshake with HTTP 403.
+            # Closing before accept() answers the handshake with HTTP 403; why
+            # is logged, in the access line, never sent.
             await self.close()
-            logs.websocket_access(self.scope, 403, started)
+            logs.websocket_access(self.scope, 403, started, refused=str(exc))
             return
         self.job_filter = job_filter
         self.batched = batched

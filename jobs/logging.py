@@ -67,25 +67,28 @@ def access(
     status: int,
     started: float,
     client: str,
+    refused: str | None = None,
 ) -> None:
-    """Log one access line (the gateway's own, in place of daphne's raw URI)."""
+    """Log one access line (the gateway's own, in place of daphne's raw URI).
+
+    ``refused`` says why a WebSocket handshake was refused, in the same line.
+    """
     target = path + ("?" + redact_query(query) if query else "")
     duration_ms = (time.monotonic() - started) * 1000
-    access_logger.info(
-        "%s %s %d %.1fms %s",
-        method,
-        target,
-        status,
-        duration_ms,
-        client,
-        extra={
-            "http_method": method,
-            "path": target,
-            "status": status,
-            "duration_ms": round(duration_ms, 1),
-            "client_ip": client,
-        },
-    )
+    fields: dict[str, Any] = {
+        "http_method": method,
+        "path": target,
+        "status": status,
+        "duration_ms": round(duration_ms, 1),
+        "client_ip": client,
+    }
+    message = "%s %s %d %.1fms %s"
+    args: list[Any] = [method, target, status, duration_ms, client]
+    if refused is not None:
+        message += " refused: %s"
+        args.append(refused)
+        fields["refused"] = refused
+    access_logger.info(message, *args, extra=fields)
 
 
 def begin(offered: str | None) -> str:
@@ -103,8 +106,10 @@ def scope_header(scope: dict[str, Any], name: bytes) -> str | None:
     return None
 
 
-def websocket_access(scope: dict[str, Any], status: int, started: float) -> None:
-    """The access line of a WebSocket handshake: 101 accepted, 403 refused."""
+def websocket_access(
+    scope: dict[str, Any], status: int, started: float, refused: str | None = None
+) -> None:
+    """The access line of a WebSocket handshake: 101 accepted, 403 ``refused``."""
     client = scope.get("client") or ("unknown", None)
     access(
         method="WS",
@@ -113,6 +118,7 @@ def websocket_access(scope: dict[str, Any], status: int, started: float) -> None
         status=status,
         started=started,
         client=str(client[0]),
+        refused=refused,
     )
 
 
@@ -226,7 +232,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, ids when known."""
 
     # Extra fields that access lines (and any other caller) may add.
-    EXTRA = ("http_method", "path", "status", "duration_ms", "client_ip")
+    EXTRA = ("http_method", "path", "status", "duration_ms", "client_ip", "refused")
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {

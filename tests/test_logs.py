@@ -128,6 +128,14 @@ async def test_no_secret_reaches_any_log(json_gateway: DaphneProcess) -> None:
     assert all(line["request_id"] for line in access)
     ws_line = next(line for line in access if line["request_id"] == "ws-req-1")
     assert ws_line["status"] == 101
+    assert "refused" not in ws_line
+    # A refused handshake's reason is in its access line, the only line it
+    # writes: a flood of them is not two lines each.
+    (refused,) = (line for line in access if line["status"] == 403)
+    assert refused["path"] == "/ws?api_key=[redacted]&since=0"
+    assert refused["refused"] == "bad_api_key"
+    assert refused["message"].endswith(" refused: bad_api_key")
+    assert not [line for line in lines if "handshake refused" in line["message"]]
     published = next(
         line
         for line in lines
