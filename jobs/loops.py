@@ -2,7 +2,7 @@
 
 Each event loop needs its own hub, wake-up signal, broadcaster and Redis
 client: their futures, tasks and connections belong to the loop that made
-them. ``PerLoop`` makes each on first use in a loop and drops it with the loop.
+them. ``PerLoop`` makes each on first use in a loop, and forgets it with the loop.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ T = TypeVar("T")
 class PerLoop(Generic[T]):
     """One value for each running event loop, made by ``factory`` when first asked.
 
-    Values are held weakly by their loop: a closed loop's go with it. Adding a
-    value and copying them all take a lock, so that a thread without a loop
-    (an operator's requeue waking every loop) can copy them while loops add
+    Keyed weakly by loop: once nothing else holds a loop, its value goes with
+    it (a value holding its own loop keeps both, for the process's life,
+    which is what a serving process's one loop does anyway). Adding a value
+    and copying them all take a lock, so that a thread without a loop (an
+    operator's requeue waking every loop) can copy them while loops add
     theirs from their own threads.
     """
 

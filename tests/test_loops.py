@@ -28,7 +28,7 @@ def test_each_loop_has_its_own_value_made_once() -> None:
     assert other is not first
 
 
-def test_a_closed_loops_value_goes_with_it() -> None:
+def test_a_value_goes_with_its_loop() -> None:
     things: PerLoop[Thing] = PerLoop(Thing)
     loop = asyncio.new_event_loop()
     thing = weakref.ref(loop.run_until_complete(_get(things)))
