@@ -718,20 +718,12 @@ def cost_table(phases: Sequence[PhaseResult]) -> str:
             fmt(p.services_cpu_s, 1),
             f"{_mib(p.rss_connected_kib)} / {_mib(p.rss_peak_kib)}",
             fmt(p.client_cpu_s, 1),
-            fmt(_flood_rate(p)),
-            fmt(_flood_cpu(p), 1),
+            fmt(_flood_figure(p, "rate")),
+            fmt(_flood_figure(p, "cpu_seconds"), 1),
         ]
         for p in phases
     ]
     return format_table(header, rows)
-
-
-def _flood_rate(phase: PhaseResult) -> float | None:
-    return _flood_figure(phase, "rate")
-
-
-def _flood_cpu(phase: PhaseResult) -> float | None:
-    return _flood_figure(phase, "cpu_seconds")
 
 
 def _flood_figure(phase: PhaseResult, name: str) -> float | None:

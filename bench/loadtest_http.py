@@ -50,6 +50,18 @@ JOB_PATH = "/job"
 # A worker that got an error waits this long before asking again.
 ERROR_BACKOFF = 0.2
 FLOOD_KINDS = ("post", "next", "ws")
+# What the flood says it is, in place of a client library's name.
+_USER_AGENT = "loadtest-flood/1"
+
+# What ``ForgedClient.send`` raises when a connection fails or an answer is not
+# HTTP: counted as an answer of its own, as a flood would shrug it off.
+FORGED_SEND_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+    ValueError,
+)
 
 
 # --- Pulling workers ---------------------------------------------------------------
@@ -310,19 +322,6 @@ class ForgedClient:
             if headers.get("connection", "").lower() == "close":
                 self.close()
         return f"HTTP {status}"
-
-
-_USER_AGENT = "loadtest-flood/1"
-
-# What ``ForgedClient.send`` raises when a connection fails or an answer is not
-# HTTP: counted as an answer of its own, as a flood would shrug it off.
-FORGED_SEND_ERRORS = (
-    OSError,
-    TimeoutError,
-    asyncio.IncompleteReadError,
-    asyncio.LimitOverrunError,
-    ValueError,
-)
 
 
 def _head(raw: bytes) -> tuple[int, dict[str, str]]:

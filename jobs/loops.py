@@ -45,10 +45,6 @@ class PerLoop(Generic[T]):
                     found = self._values[loop] = self._factory()
         return found
 
-    def made(self) -> T | None:
-        """The running loop's value if one was made, without making one."""
-        return self._values.get(asyncio.get_running_loop())
-
     def items(self) -> list[tuple[asyncio.AbstractEventLoop, T]]:
         """Every loop with its value, copied: safe from any thread."""
         with self._lock:

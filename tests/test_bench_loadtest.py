@@ -365,7 +365,7 @@ async def test_the_floods_connections_start_spread_out(
 
 
 class RecordingServer:
-    """Answers every request with ``status``; notes connections and requests.
+    """Refuses every request (401; a handshake 403); notes connections and requests.
 
     ``sized`` False answers without a ``Content-Length`` and closes, as an
     HTTP/1.0 server does.

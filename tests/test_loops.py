@@ -19,12 +19,12 @@ class Thing:
 def test_each_loop_has_its_own_value_made_once() -> None:
     things: PerLoop[Thing] = PerLoop(Thing)
 
-    async def twice() -> tuple[Thing, Thing, Thing | None]:
-        return things.get(), things.get(), things.made()
+    async def twice() -> tuple[Thing, Thing]:
+        return things.get(), things.get()
 
-    first, again, made = asyncio.run(twice())
-    assert first is again is made
-    (other, _, _) = asyncio.run(twice())
+    first, again = asyncio.run(twice())
+    assert first is again
+    other, _ = asyncio.run(twice())
     assert other is not first
 
 
@@ -40,14 +40,13 @@ def test_a_value_goes_with_its_loop() -> None:
     assert things.items() == []
 
 
-def test_made_makes_nothing_and_clear_forgets() -> None:
+def test_clear_forgets_every_value() -> None:
     things: PerLoop[Thing] = PerLoop(Thing)
 
     async def check() -> None:
-        assert things.made() is None
         first = things.get()
         things.clear()
-        assert things.made() is None
+        assert things.items() == []
         assert things.get() is not first
 
     asyncio.run(check())
