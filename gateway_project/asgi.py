@@ -51,6 +51,7 @@ from jobs.logging import (  # noqa: E402
 )
 from jobs.serving import (  # noqa: E402
     leave_form_bodies_to_the_application,
+    offer_prepared_frames,
     send_responses_at_once,
     write_frames_at_once,
 )
@@ -62,11 +63,12 @@ redact_daphne_access_log()
 drop_twisted_request_log()
 # Spare every WebSocket connection and frame debug lines nobody reads, and
 # every POST a form parse nobody uses; send frames and responses without a
-# loop turn each.
+# loop turn each; frame each job's frame once for all clients.
 defer_autobahn_debug_formatting()
 leave_form_bodies_to_the_application()
 write_frames_at_once()
 send_responses_at_once()
+offer_prepared_frames()
 
 Scope = dict[str, Any]
 

@@ -21,7 +21,7 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 from gateway_client import signing
-from jobs import deliveries, fanout, metrics, presence, tickets
+from jobs import deliveries, fanout, metrics, presence, serving, tickets
 from jobs import logging as logs
 from jobs.auth import client_ip, hold_refusal, remember_nonce, scope_target
 from jobs.db import in_db_thread
@@ -204,14 +204,20 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             jobs = batch.jobs
         else:
             jobs = [job for job in batch.jobs if self._is_new(job["id"])]
-        if len(jobs) == len(batch.jobs):
-            frames = [batch.frame()] if self.batched else batch.frames()
-        elif not jobs:
-            return
+        send_prepared = self.scope.get("extensions", {}).get(serving.PREPARED_FRAMES)
+        if len(jobs) == len(batch.jobs) and send_prepared is not None:
+            # Framed once for every client of this process (jobs.serving).
+            for message in batch.prepared(self.batched):
+                send_prepared(message)
         else:
-            frames = self._frames(jobs)
-        for frame in frames:
-            await self.send(text_data=frame)
+            if len(jobs) == len(batch.jobs):
+                frames = [batch.frame()] if self.batched else batch.frames()
+            elif not jobs:
+                return
+            else:
+                frames = self._frames(jobs)
+            for frame in frames:
+                await self.send(text_data=frame)
         if jobs is batch.jobs:
             if batch.sent:
                 return

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from jobs import groups
+from jobs import groups, serving
 from jobs.filters import JobFilter
 from jobs.loops import PerLoop
 
@@ -69,7 +69,15 @@ class Batch:
     groups is serialised once for them all.
     """
 
-    __slots__ = ("_frame", "_frames", "jobs", "lowest_id", "sent", "serialised")
+    __slots__ = (
+        "_frame",
+        "_frames",
+        "_prepared",
+        "jobs",
+        "lowest_id",
+        "sent",
+        "serialised",
+    )
 
     def __init__(
         self, jobs: list[dict[str, Any]], serialised: dict[int, str] | None = None
@@ -81,6 +89,7 @@ class Batch:
         self.sent = False
         self._frames: list[str] | None = None
         self._frame: str | None = None
+        self._prepared: dict[bool, list[Any]] = {}
 
     def frames(self) -> list[str]:
         """One frame per job, for clients that did not ask for batches."""
@@ -101,6 +110,16 @@ class Batch:
                 self.frames()[0] if len(self.jobs) == 1 else batch_frame(self.jobs)
             )
         return self._frame
+
+    def prepared(self, batched: bool) -> list[Any]:
+        """``[frame()]`` or ``frames()``, framed once for every client's socket."""
+        prepared = self._prepared.get(batched)
+        if prepared is None:
+            frames = [self.frame()] if batched else self.frames()
+            prepared = self._prepared[batched] = [serving.prepare(f) for f in frames]
+            if len(self.jobs) == 1:  # one frame either way
+                self._prepared[not batched] = prepared
+        return prepared
 
 
 class Client(Protocol):

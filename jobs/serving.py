@@ -1,8 +1,9 @@
 """What the gateway changes in how daphne serves it (applied by the ASGI module).
 
 Form bodies are left to the application; WebSocket frames and HTTP responses
-are sent at once. (The logging changes, redacted access lines, no Twisted
-request log and lazy autobahn debug arguments, are in ``jobs.logging``.)
+are sent at once; a job's frame is framed once for all of a process's clients.
+(The logging changes, redacted access lines, no Twisted request log and lazy
+autobahn debug arguments, are in ``jobs.logging``.)
 """
 
 from __future__ import annotations
@@ -118,6 +119,56 @@ def send_responses_at_once() -> None:
 
     handle_reply.sends_at_once = True  # type: ignore[attr-defined]
     WebRequest.handle_reply = handle_reply
+
+
+# The ASGI scope extension through which a WebSocket consumer sends frames
+# made by prepare(): a callable taking one. Absent under other servers.
+PREPARED_FRAMES = "gateway.prepared_frames"
+
+
+def offer_prepared_frames() -> None:
+    """Let WebSocket consumers send one framed copy of a frame to every client.
+
+    Through ASGI, each client's copy of a job's frame passes daphne's reply
+    checks, is encoded and framed by autobahn and written: the same work for
+    each of 1,000 clients. autobahn's own broadcast support frames a message
+    once (``PreparedMessage``) and sends the framed bytes to each connection
+    (``sendPreparedMessage``). Each WebSocket scope gets a sender for it under
+    ``extensions``, keyed ``PREPARED_FRAMES``; a frame sent through it goes
+    the way daphne would send it (its transport, in order with what was sent
+    through ASGI) and is dropped once the connection is closing or closed,
+    where autobahn would refuse it, or daphne drop it.
+    """
+    from daphne.server import Server
+
+    original = Server.create_application
+    if getattr(original, "offers_prepared_frames", False):
+        return
+
+    @functools.wraps(original)
+    def create_application(self: Server, protocol: Any, scope: dict[str, Any]) -> Any:
+        if scope.get("type") == "websocket":
+            extensions = scope.setdefault("extensions", {})
+            extensions[PREPARED_FRAMES] = functools.partial(_send_prepared, protocol)
+        return original(self, protocol, scope)
+
+    create_application.offers_prepared_frames = True  # type: ignore[attr-defined]
+    Server.create_application = create_application
+
+
+def prepare(frame: str) -> Any:
+    """A text frame framed once, for the senders ``offer_prepared_frames`` makes."""
+    from autobahn.websocket.protocol import PreparedMessage
+
+    # A server's frames are not masked; daphne negotiates no compression.
+    return PreparedMessage(
+        frame.encode(), isBinary=False, applyMask=False, doNotCompress=False
+    )
+
+
+def _send_prepared(protocol: Any, message: Any) -> None:
+    if protocol.state == protocol.STATE_OPEN:
+        protocol.sendPreparedMessage(message)
 
 
 def _can_send_at_once(transport: Any) -> bool:

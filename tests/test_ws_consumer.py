@@ -8,6 +8,7 @@ database from worker threads, hence ``transactional_db``.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -549,3 +550,114 @@ def test_the_asgi_module_makes_daphne_send_frames_at_once() -> None:
     assert getattr(on_open, "writes_at_once", False)
     serving.write_frames_at_once()  # twice changes nothing
     assert WebSocketProtocol.onOpen is on_open
+
+
+def test_the_asgi_module_offers_daphne_websockets_prepared_frames() -> None:
+    from daphne.server import Server
+
+    create_application = Server.create_application
+    assert getattr(create_application, "offers_prepared_frames", False)
+    serving.offer_prepared_frames()  # twice changes nothing
+    assert Server.create_application is create_application
+
+
+class Protocol:
+    """What the prepared-frame sender uses of daphne's WebSocket protocol."""
+
+    from autobahn.websocket.protocol import WebSocketProtocol as _autobahn
+
+    STATE_OPEN = _autobahn.STATE_OPEN
+
+    def __init__(self) -> None:
+        self.state = self._autobahn.STATE_OPEN
+        self.sent: list[Any] = []
+
+    def sendPreparedMessage(self, message: Any) -> None:
+        self.sent.append(message)
+
+
+async def test_daphne_gives_websocket_scopes_a_sender_of_prepared_frames() -> None:
+    from daphne.server import Server
+
+    scopes: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scopes.append(scope)
+
+    server = Server(application=app, endpoints=["tcp:port=0"])  # never run
+    websocket, web = Protocol(), Protocol()
+    server.connections = {websocket: {}, web: {}}
+    server.create_application(websocket, {"type": "websocket", "path": "/ws"})
+    server.create_application(web, {"type": "http", "path": "/health"})
+    await asyncio.gather(
+        *(c["application_instance"] for c in server.connections.values())
+    )
+    websocket_scope, http_scope = scopes
+    assert serving.PREPARED_FRAMES not in http_scope.get("extensions", {})
+
+    send = websocket_scope["extensions"][serving.PREPARED_FRAMES]
+    frame = serving.prepare('{"type":"job"}')
+    send(frame)
+    assert websocket.sent == [frame]
+    websocket.state = Protocol._autobahn.STATE_CLOSING
+    send(frame)  # dropped, as daphne drops what the application sends then
+    assert websocket.sent == [frame]
+
+
+def unframe(message: Any) -> dict[str, Any]:
+    """A prepared frame's JSON, after checking it is one whole unmasked text frame."""
+    wire: bytes = message.payloadHybi
+    assert wire[0] == 0x81  # FIN, text
+    length, start = wire[1], 2
+    if length == 126:
+        length, start = int.from_bytes(wire[2:4]), 4
+    assert len(wire) == start + length
+    result: dict[str, Any] = json.loads(wire[start:])
+    return result
+
+
+class Sent(asyncio.Queue[Any]):
+    """A stand-in for the server's prepared-frame sender: what it was given."""
+
+    def __call__(self, message: Any) -> None:
+        self.put_nowait(message)
+
+    async def next(self) -> Any:
+        return await asyncio.wait_for(self.get(), 5)
+
+
+async def test_live_frames_go_framed_once_through_a_servers_sender() -> None:
+    # Under daphne (jobs.serving): one framed copy for every client; what is
+    # not live (the hello, a replay) goes through ASGI as before.
+    replayed = await publish()
+    sent = {"plain": Sent(), "batched": Sent()}
+    communicators = {}
+    for name, query in [("plain", "?since=0"), ("batched", "?batch=1")]:
+        communicator = WebsocketCommunicator(
+            application, f"/ws{query}", headers=KEY_HEADER
+        )
+        communicator.scope["extensions"] = {serving.PREPARED_FRAMES: sent[name]}
+        assert (await communicator.connect())[0]
+        assert (await communicator.receive_json_from())["type"] == "hello"
+        communicators[name] = communicator
+    plain, batched = communicators["plain"], communicators["batched"]
+    assert await plain.receive_json_from() == {"type": "job", "job": replayed}
+
+    job = await publish(place_id=42)
+    first_plain, first_batched = (
+        await sent["plain"].next(),
+        await sent["batched"].next(),
+    )
+    assert first_plain is first_batched  # framed once for both
+    assert unframe(first_plain) == {"type": "job", "job": job}
+
+    burst = [{**job, "id": job["id"] + n, "job_id": uuid.uuid4().hex} for n in (1, 2)]
+    await fanout.hub().dispatch(burst)
+    assert [unframe(await sent["plain"].next()) for _ in burst] == [
+        {"type": "job", "job": one} for one in burst
+    ]
+    assert unframe(await sent["batched"].next()) == {"type": "jobs", "jobs": burst}
+    for communicator in (plain, batched):
+        assert await communicator.receive_nothing()
+        await communicator.disconnect()
+    assert sent["plain"].empty() and sent["batched"].empty()

@@ -330,6 +330,29 @@ def _stalled_client(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def test_live_frames_are_framed_once_not_sent_through_asgi_per_client(
+    transactional_db: None, http: httpx.AsyncClient
+) -> None:
+    # daphne logs at debug every frame an application sends through ASGI's
+    # send; job frames go to each connection framed once for all of them
+    # (jobs.serving.offer_prepared_frames), in order with the rest.
+    sent_through_asgi = "Sent WebSocket packet to client"
+    with DaphneProcess(env=process_env(LOG_LEVEL="DEBUG")) as server:
+        early = await post_job(http, server.base_url)
+        async with (
+            ws_connect(server.ws_url) as live,
+            ws_connect(server.ws_url, "?since=0") as replayed,
+        ):
+            await hello(live)
+            await hello(replayed)
+            assert await next_job(replayed) == early  # a replay: through ASGI
+            jobs = [await post_job(http, server.base_url) for _ in range(3)]
+            for client in (live, replayed):
+                assert [await next_job(client) for _ in jobs] == jobs
+        output = server.output()
+    assert output.count(sent_through_asgi) == 3, output  # two hellos, one replay
+
+
 async def test_frames_a_full_socket_held_back_arrive_whole_in_order_once(
     transactional_db: None, http: httpx.AsyncClient
 ) -> None:
