@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from typing import Any, Literal, TypedDict
 from urllib.parse import parse_qs
 
@@ -80,6 +81,8 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
 
     job_filter: JobFilter  # empty: every job
     batched: bool  # several jobs may share a frame
+    # Under daphne, sends a frame framed once for every client (jobs.serving).
+    send_prepared: Callable[[Any], None] | None
     counted: bool
     attached: bool
     # Live jobs wait here until the replay is sent; then they flow directly.
@@ -106,6 +109,8 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     async def connect(self) -> None:
         self.job_filter = JobFilter()
         self.batched = False
+        extensions = self.scope.get("extensions") or {}
+        self.send_prepared = extensions.get(serving.PREPARED_FRAMES)
         self.counted = False
         self.attached = False
         self.pending = []
@@ -204,19 +209,16 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             jobs = batch.jobs
         else:
             jobs = [job for job in batch.jobs if self._is_new(job["id"])]
-        send_prepared = self.scope.get("extensions", {}).get(serving.PREPARED_FRAMES)
-        if len(jobs) == len(batch.jobs) and send_prepared is not None:
-            # Framed once for every client of this process (jobs.serving).
+        if not jobs:
+            return
+        if len(jobs) < len(batch.jobs):
+            for frame in self._frames(jobs):
+                await self.send(text_data=frame)
+        elif self.send_prepared is not None:  # the batch's frames, framed once
             for message in batch.prepared(self.batched):
-                send_prepared(message)
+                self.send_prepared(message)
         else:
-            if len(jobs) == len(batch.jobs):
-                frames = [batch.frame()] if self.batched else batch.frames()
-            elif not jobs:
-                return
-            else:
-                frames = self._frames(jobs)
-            for frame in frames:
+            for frame in [batch.frame()] if self.batched else batch.frames():
                 await self.send(text_data=frame)
         if jobs is batch.jobs:
             if batch.sent:

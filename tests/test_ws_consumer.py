@@ -425,13 +425,18 @@ async def test_a_long_replay_is_read_in_batches_and_its_memory_stays_bounded(
 # --- Batched frames ----------------------------------------------------------------
 
 
-async def turns_until(condition: Callable[[], bool], turns: int = 1000) -> None:
-    """Let the event loop run until ``condition`` holds (no clock involved)."""
-    for _ in range(turns):
-        if condition():
-            return
+async def turns_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Let the event loop run, turn by turn, until ``condition`` holds.
+
+    Bounded by time, not turns: over Redis a message can take thousands of
+    turns to arrive on a busy machine.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"still false after {timeout} s")
         await asyncio.sleep(0)  # one turn of the loop, not a wait for time
-    raise AssertionError(f"still false after {turns} turns of the event loop")
 
 
 class Holder:
@@ -600,7 +605,7 @@ async def test_daphne_gives_websocket_scopes_a_sender_of_prepared_frames() -> No
     send(frame)
     assert websocket.sent == [frame]
     websocket.state = Protocol._autobahn.STATE_CLOSING
-    send(frame)  # dropped, as daphne drops what the application sends then
+    send(frame)  # dropped: autobahn would refuse it, daphne drop it once closed
     assert websocket.sent == [frame]
 
 
