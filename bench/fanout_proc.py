@@ -60,15 +60,21 @@ def rss_kib(pid: int) -> int | None:
 
 
 def cpu_seconds(pids: Iterable[int]) -> float:
-    """User plus system CPU time of these processes and their descendants."""
+    """User plus system CPU time of these processes and their descendants.
+
+    Descendants that have exited count too, once their parent has reaped
+    them (PostgreSQL's backends end with their connections): the kernel adds
+    a reaped child's time, its own and its reaped children's, to the
+    parent's. Without it the figure for a span could fall below zero.
+    """
     ticks = 0
     for pid in pids:
         for member in process_tree(pid):
             with contextlib.suppress(OSError, IndexError, ValueError):
                 stat = (_PROC / str(member) / "stat").read_text()
                 fields = stat.rsplit(")", 1)[1].split()
-                # utime and stime: fields 14 and 15 of the whole line.
-                ticks += int(fields[11]) + int(fields[12])
+                # utime, stime, cutime, cstime: fields 14 to 17 of the line.
+                ticks += sum(int(field) for field in fields[11:15])
     return ticks / _TICKS
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import time
@@ -69,13 +70,12 @@ async def flood(
     deadline = started + seconds
 
     async def sender(number: int) -> None:
-        client = ForgedClient(base_url)
-        while (now := time.monotonic()) < deadline:
-            sent_at.append(now - started)
-            kind = FLOOD_KINDS[number % len(FLOOD_KINDS)]
-            answers[await client.send(kind)] += 1
-            number += 1
-        client.close()
+        with contextlib.closing(ForgedClient(base_url)) as client:
+            while (now := time.monotonic()) < deadline:
+                sent_at.append(now - started)
+                kind = FLOOD_KINDS[number % len(FLOOD_KINDS)]
+                answers[await client.send(kind)] += 1
+                number += 1
 
     await asyncio.gather(*(sender(n) for n in range(connections)))
     return sent_at, answers

@@ -391,23 +391,23 @@ async def _flood(
         await asyncio.sleep(random.uniform(0.0, spread))
         next_at = loop.time()
         count = number
-        while not stop.is_set():
-            if not flooding.is_set():
-                await flooding.wait()
-                await asyncio.sleep(random.uniform(0.0, spread))
-                next_at = loop.time()
-                continue
-            if interval:
-                next_at += interval
-                await asyncio.sleep(max(0.0, next_at - loop.time()))
-            kind = FLOOD_KINDS[count % len(FLOOD_KINDS)]
-            count += 1
-            try:
-                answers[await client.send(kind)] += 1
-            except FORGED_SEND_ERRORS as exc:
-                answers[type(exc).__name__] += 1
-            sent += 1
-        client.close()
+        with contextlib.closing(client):
+            while not stop.is_set():
+                if not flooding.is_set():
+                    await flooding.wait()
+                    await asyncio.sleep(random.uniform(0.0, spread))
+                    next_at = loop.time()
+                    continue
+                if interval:
+                    next_at += interval
+                    await asyncio.sleep(max(0.0, next_at - loop.time()))
+                kind = FLOOD_KINDS[count % len(FLOOD_KINDS)]
+                count += 1
+                try:
+                    answers[await client.send(kind)] += 1
+                except FORGED_SEND_ERRORS as exc:
+                    answers[type(exc).__name__] += 1
+                sent += 1
 
     conn.send("started")
     cpu_at_start = time.process_time()
