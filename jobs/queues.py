@@ -25,7 +25,7 @@ from functools import cache
 from typing import Any, Protocol
 
 from django.conf import settings
-from django.db import connection, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 from django.db.models import Case, F, When
 from django.utils import timezone
 
@@ -130,10 +130,14 @@ def _maybe_queued() -> bool:
     Runs on the event loop, not in a worker thread: reading one entry of the
     queued-jobs index takes microseconds, and in WAL mode no writer blocks it.
     The thread hop it saves was most of an empty poll's cost. PostgreSQL (a
-    network round trip) always takes the worker-thread path.
+    network round trip) always takes the worker-thread path. The settings come
+    from the connection handler, not a connection: on the event loop each
+    request is a context of its own, where ``connections["default"]`` would
+    build a connection object per request, a reference cycle left to the
+    garbage collector.
     """
-    params = connections["default"].settings_dict
-    if connections["default"].vendor != "sqlite":
+    params = connections.settings[DEFAULT_DB_ALIAS]
+    if params["ENGINE"] != "django.db.backends.sqlite3":
         return True
     name = str(params["NAME"])
     with _peeks_lock:
