@@ -36,12 +36,10 @@ import websockets
 from bench.common import API_KEY, Signer, format_table, machine_summary, run_async
 from bench.gateway import Gateway
 from bench.loadtest_http import ForgedClient
+from bench.refusals import KINDS  # each kind, and its name in send()
 
 HOOK = Path(__file__).with_name("garbage_hook")
 WARM_UP = 20
-KINDS = ("POST /job", "GET /job/next", "/ws handshake")
-# Each kind as the clients' send() names it (the flood's and the signed one's).
-SENT_AS = {"POST /job": "post", "GET /job/next": "next", "/ws handshake": "ws"}
 REPORT_TIMEOUT = 10.0
 
 
@@ -115,10 +113,10 @@ class GarbageProbe:
                     contextlib.closing(ForgedClient(self.gateway.base_url))
                 )
             for _ in range(WARM_UP):
-                await client.send(SENT_AS[kind])
+                await client.send(KINDS[kind])
             self.unreachable()  # what came before is not this kind's
             for _ in range(requests):
-                measured.answers[await client.send(SENT_AS[kind])] += 1
+                measured.answers[await client.send(KINDS[kind])] += 1
             measured.unreachable = self.unreachable()
         return measured
 
@@ -138,7 +136,7 @@ class SignedClient:
         await self._http.aclose()
 
     async def send(self, kind: str) -> str:
-        """One request of ``kind`` (``SENT_AS``' names): "HTTP 201", "WS 101"..."""
+        """One request of ``kind`` (``KINDS``' names): "HTTP 201", "WS 101"..."""
         if kind == "ws":
             url = f"{self._ws_url}/ws?api_key={API_KEY}"
             async with websockets.connect(url) as websocket:

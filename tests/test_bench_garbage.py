@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from bench.common import run_async
-from bench.garbage import HOOK, KINDS, GarbageProbe, Measured, measure_all, report
+from bench.garbage import HOOK, GarbageProbe, Measured, measure_all, report
 from bench.gateway import Gateway
 from bench.gc_pauses import report as pauses_report
 from bench.gc_pauses import summarise
+from bench.refusals import KINDS
 
 # Five cycles, a report, then a second report: the first counts the cycles,
 # the second only what came after the first (nothing of them).
