@@ -4,6 +4,7 @@
     python -m bench.loadtest              # 1,000 clients, 50 workers, 60 s, 100/s
     python -m bench.loadtest --redis      # adds Redis (+ PostgreSQL) after embedded
     python -m bench.loadtest --redis --no-embedded --processes 2
+    python -m bench.loadtest --redis --turns-only --duration 720 --turns 96
 
 For each stack, three phases on one gateway (daphne; with ``--processes``, the
 Redis stack runs several, sharing the load in turn): N WebSocket clients hold
@@ -13,7 +14,8 @@ The second phase adds a flood: many concurrent requests to the same endpoints
 with a wrong ``X-SIGNATURE`` (and ``/ws`` handshakes with a wrong key). The
 third turns that flood on and off by turns (off, on, on, off, ...), so that the
 jobs posted with it on and those posted with it off share the same minutes of
-a noisy machine and the same state of the server.
+a noisy machine and the same state of the server (``--turns-only``: that
+phase alone, for long runs of it).
 
 Checked, job by job: every accepted job pulled by exactly one worker, and
 pushed to every WebSocket client exactly once. Measured: delivery latency from
@@ -982,6 +984,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "balances them; 0 leaves the phase out)",
     )
     parser.add_argument(
+        "--turns-only",
+        action="store_true",
+        help="the flood in turns alone, for a long run of the comparison that "
+        "shares the machine's minutes between both sides",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=60.0,
@@ -1029,6 +1037,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("--wait must be between 0 and 30 (the contract's range)")
     if args.turns and not 2 <= args.turns <= 1_000:
         parser.error("--turns must be 0 or between 2 and 1,000")
+    if args.turns_only and (args.no_flood or not args.turns):
+        parser.error("--turns-only needs the flood and --turns of at least 2")
     if args.client_procs < 1 or args.flood_concurrency < 1:
         parser.error("--client-procs and --flood-concurrency must be at least 1")
     if args.no_embedded and not args.redis:
@@ -1040,6 +1050,18 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     # Every daphne process gets at least one process of clients.
     args.client_procs = max(args.client_procs, args.processes)
     return args
+
+
+def phases_of(args: argparse.Namespace) -> list[tuple[str, bool, int]]:
+    """Each phase to run, in order: its name, whether it floods, its turns."""
+    if args.turns_only:
+        return [("flood in turns", True, args.turns)]
+    phases = [("no flood", False, 0)]
+    if not args.no_flood:
+        phases.append(("flood", True, 0))
+        if args.turns:
+            phases.append(("flood in turns", True, args.turns))
+    return phases
 
 
 def load_of(args: argparse.Namespace, *, flood: bool, turns: int = 0) -> Load:
@@ -1083,8 +1105,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Load test: {args.clients:,} WebSocket clients (over {args.client_procs} "
         f"process(es), {'batched' if args.batch else 'one job per'} frames), "
         f"{args.workers} pulling workers (wait={args.wait:g}), "
-        f"{args.rate:g} jobs/s for {args.duration:g} s; then the same with a flood "
-        f"of {args.flood_concurrency} concurrent forged requests"
+        f"{args.rate:g} jobs/s for {args.duration:g} s; "
+        + (
+            f"with the flood in {args.turns} turns only, off and on: "
+            if args.turns_only
+            else "then the same with a flood of "
+        )
+        + f"{args.flood_concurrency} concurrent forged requests"
         + (f" capped at {args.flood_rate:g}/s" if args.flood_rate else "")
         + (" (left out)" if args.no_flood else "")
         + f".\n{summary}\nCores: {os.cpu_count()}. Clients, workers, publisher "
@@ -1101,12 +1128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warm = run_client_loop(run_phase(stack, warm_up_load(args), "warm-up"))
             for problem in problems(warm):
                 print(f"  warm-up problem: {problem}")
-            phases = [("no flood", False, 0)]
-            if not args.no_flood:
-                phases.append(("flood", True, 0))
-                if args.turns:
-                    phases.append(("flood in turns", True, args.turns))
-            for name, flood, turns in phases:
+            for name, flood, turns in phases_of(args):
                 result = run_client_loop(
                     run_phase(stack, load_of(args, flood=flood, turns=turns), name)
                 )

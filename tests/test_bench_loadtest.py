@@ -31,6 +31,7 @@ from bench.loadtest import (
     compare_sides,
     load_of,
     parse_args,
+    phases_of,
     run_phase,
     side_of,
 )
@@ -476,6 +477,21 @@ def test_quick_is_a_small_run() -> None:
     assert (args.clients, args.workers, args.duration) == (100, 10, 10.0)
     with pytest.raises(SystemExit):
         parse_args(["--wait", "31"])
+
+
+def test_phases_run_in_order_and_turns_only_runs_the_turns_alone() -> None:
+    def names(*argv: str) -> list[str]:
+        return [name for name, _, _ in phases_of(parse_args(["--quick", *argv]))]
+
+    assert names() == ["no flood", "flood", "flood in turns"]
+    assert names("--turns", "0") == ["no flood", "flood"]
+    assert names("--no-flood") == ["no flood"]
+    assert phases_of(parse_args(["--turns-only", "--turns", "16"])) == [
+        ("flood in turns", True, 16)
+    ]
+    for contradiction in (["--no-flood"], ["--turns", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--turns-only", *contradiction])
 
 
 @pytest.mark.parametrize("batch", [True, False], ids=["batched", "one-per-frame"])
