@@ -8,7 +8,7 @@ what came after this one.
 
 With ``GC_PAUSES_DIR`` set, a daphne process writes each garbage collection
 (generation, seconds) and each time its event loop ran a 10 ms timer more than
-20 ms late (a stall) to ``pauses-<pid>.jsonl`` there, once a second;
+20 ms late (a stall) to ``pauses-<pid>.jsonl`` there, at most once a second;
 ``python -m bench.gc_pauses`` sums them up.
 """
 
@@ -81,6 +81,8 @@ if os.environ.get("GC_PAUSES_DIR") and any("daphne" in a for a in sys.orig_argv)
             with _lock:
                 batch = _events[:]
                 _events.clear()
+            if not batch:
+                continue
             with open(path, "a") as log:
                 log.writelines(json.dumps(event) + "\n" for event in batch)
 
