@@ -37,6 +37,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import secrets
 import sys
 import time
@@ -293,7 +294,7 @@ def build_stacks(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[
             Stack(
                 "embedded",
                 "SQLite + in-memory channel layer",
-                [Gateway(access_log=args.access_log)],
+                [Gateway(access_log=args.access_log, extra_env=args.settings)],
             )
         )
     if args.redis:
@@ -331,7 +332,7 @@ def build_stacks(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[
                     database_url=gateways[0].database_url if gateways else database_url,
                     redis_url=redis.url,
                     access_log=args.access_log,
-                    extra_env={"CHANNEL_LAYER": "redis-pubsub"},
+                    extra_env={"CHANNEL_LAYER": "redis-pubsub", **args.settings},
                 )
             )
         stacks.append(
@@ -1020,8 +1021,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=True,
         help="daphne logs each request, as the production command does",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of every daphne process, e.g. "
+        "AUTH_FAILURE_MAX_DELAY_SECONDS=1 (repeatable)",
+    )
     parser.add_argument("--json", type=Path, help="where to save every figure")
     args = parser.parse_args(argv)
+    args.settings = {}
+    for assignment in args.set:
+        name, equals, value = assignment.partition("=")
+        if not equals or not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+            parser.error(f"--set takes NAME=VALUE, not {assignment!r}")
+        args.settings[name] = value
     quick = args.quick
     args.clients = args.clients or (100 if quick else 1000)
     args.workers = args.workers or (10 if quick else 50)
@@ -1114,6 +1129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + f"{args.flood_concurrency} concurrent forged requests"
         + (f" capped at {args.flood_rate:g}/s" if args.flood_rate else "")
         + (" (left out)" if args.no_flood else "")
+        + "".join(f"; {name}={value}" for name, value in args.settings.items())
         + f".\n{summary}\nCores: {os.cpu_count()}. Clients, workers, publisher "
         f"and flood run on this machine and share those cores with the server."
     )

@@ -206,6 +206,10 @@ WS_TICKET_TTL = config.integer("WS_TICKET_TTL", 30, minimum=1, maximum=300)
 AUTH_FAILURE_DELAY_SECONDS = config.number(
     "AUTH_FAILURE_DELAY_SECONDS", 1.0, minimum=0.0, maximum=10.0
 )
+# The most that delay grows to for an address refused again and again.
+AUTH_FAILURE_MAX_DELAY_SECONDS = config.number(
+    "AUTH_FAILURE_MAX_DELAY_SECONDS", 10.0, minimum=0.0, maximum=60.0
+)
 
 RATE_LIMIT_PER_MINUTE = config.integer("RATE_LIMIT_PER_MINUTE", 0, minimum=0)
 RATE_LIMIT_WINDOW_SECONDS = config.integer("RATE_LIMIT_WINDOW_SECONDS", 60, minimum=1)

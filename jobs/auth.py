@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import time
 from typing import Any
 from urllib.parse import quote
 
@@ -22,6 +23,12 @@ _PATH_SAFE = "/:@!$&'()*+,;=~"
 
 # A held refusal waits the delay give or take up to this share of it, at random.
 REFUSAL_JITTER = 0.25
+# Each run of this many refusals to one address doubles its next holds...
+DOUBLE_EVERY = 10
+# ...until a refusal comes after this long without one.
+FORGET_AFTER_SECONDS = 60.0
+# Addresses remembered per process; the least recently refused go first.
+MAX_TRACKED = 10_000
 
 
 async def authenticate(request: HttpRequest) -> signing.Verified:
@@ -42,32 +49,83 @@ async def authenticate(request: HttpRequest) -> signing.Verified:
             require_v2=settings.REQUIRE_SIGNATURE_V2,
         )
     except signing.SignatureError as exc:
-        await hold_refusal()
+        await hold_refusal(request_ip(request))
         raise ApiError(401, exc.code, exc.detail) from None
-    await remember_nonce(verified)
+    await remember_nonce(verified, request_ip(request))
     return verified
 
 
-async def hold_refusal() -> None:
-    """Wait about ``AUTH_FAILURE_DELAY_SECONDS`` before refusing a credential.
+class RepeatRefusals:
+    """How many credentials this process refused lately, per client address.
+
+    Addresses are kept most recently refused last, at most ``max_tracked`` of
+    them, and each is forgotten once ``FORGET_AFTER_SECONDS`` pass without a
+    refusal. In process memory, not the shared store: counting a refusal
+    costs no round trip, and each replica holds back what it is sent.
+    """
+
+    def __init__(self, max_tracked: int = MAX_TRACKED) -> None:
+        self.max_tracked = max_tracked
+        self._seen: dict[str, tuple[int, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def count(self, ip: str, now: float) -> int:
+        """Note a refusal to ``ip``; return how many came before it in its run."""
+        earlier, last = self._seen.pop(ip, (0, now))
+        if now - last > FORGET_AFTER_SECONDS:
+            earlier = 0
+        self._seen[ip] = (earlier + 1, now)
+        if len(self._seen) > self.max_tracked:
+            del self._seen[next(iter(self._seen))]
+        return earlier
+
+
+repeat_refusals = RepeatRefusals()
+
+
+def hold_seconds(earlier: int) -> float:
+    """How long a refusal waits (before jitter), after ``earlier`` in its run.
+
+    ``AUTH_FAILURE_DELAY_SECONDS``, doubled for each ``DOUBLE_EVERY`` earlier
+    refusals, up to ``AUTH_FAILURE_MAX_DELAY_SECONDS`` (never below the delay).
+    """
+    delay = settings.AUTH_FAILURE_DELAY_SECONDS
+    ceiling = max(delay, settings.AUTH_FAILURE_MAX_DELAY_SECONDS)
+    doublings = min(earlier // DOUBLE_EVERY, 32)
+    return float(min(ceiling, delay * 2**doublings))
+
+
+async def hold_refusal(ip: str, *, at_most: float | None = None) -> None:
+    """Wait a while before refusing a credential to ``ip``.
 
     A client waits for each answer on its connection, so a flood of forged
-    requests gets about one refusal per connection per delay; a held refusal
+    requests gets about one refusal per connection per hold; a held refusal
     costs the server a timer, not a turn of its event loop. Valid requests are
     never held (docs/security.md, "Refused credentials").
 
-    The wait varies by up to ``REFUSAL_JITTER`` of the delay either way: held
+    The hold is ``AUTH_FAILURE_DELAY_SECONDS`` at first and grows for an
+    address refused again and again (``hold_seconds``): a client with a wrong
+    key or clock is told within a second, a flood from one address is slowed
+    ten times more. It varies by up to ``REFUSAL_JITTER`` either way: held
     exactly as long, a flood's connections, sent together, came back together
-    after every delay, in waves that kept a process busy for tens of
+    after every hold, in waves that kept a process busy for tens of
     milliseconds at a time; spread, they arrive evenly, as many a second.
+    ``at_most`` caps the hold before its jitter.
     """
-    delay = settings.AUTH_FAILURE_DELAY_SECONDS
-    if delay > 0:
-        spread = random.uniform(-REFUSAL_JITTER, REFUSAL_JITTER)
-        await asyncio.sleep(delay * (1 + spread))
+    if settings.AUTH_FAILURE_DELAY_SECONDS <= 0:
+        return
+    hold = hold_seconds(repeat_refusals.count(ip, time.monotonic()))
+    if at_most is not None:
+        hold = min(hold, at_most)
+    spread = random.uniform(-REFUSAL_JITTER, REFUSAL_JITTER)
+    await asyncio.sleep(hold * (1 + spread))
 
 
-async def remember_nonce(verified: signing.Verified) -> None:
+async def remember_nonce(
+    verified: signing.Verified, ip: str, *, at_most: float | None = None
+) -> None:
     """Refuse a v2 nonce seen within its window; remember a new one.
 
     Only after the signature checked out: nobody without the secret can fill
@@ -77,7 +135,7 @@ async def remember_nonce(verified: signing.Verified) -> None:
         return
     lifetime = verified.nonce_lifetime(settings.TIMESTAMP_TOLERANCE)
     if not await onetime.add("nonce:" + verified.nonce, "1", lifetime):
-        await hold_refusal()
+        await hold_refusal(ip, at_most=at_most)
         raise ApiError(
             401, "replayed_nonce", "This X-NONCE was used already; sign afresh."
         )

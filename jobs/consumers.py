@@ -31,6 +31,10 @@ from jobs.models import Job
 from jobs.ratelimits import check_rate_limit
 from jobs.responses import ApiError
 
+# autobahn drops a handshake not answered within daphne's
+# --websocket_connect_timeout (5 s by default), so a refused one is held at
+# most this long (plus its jitter, a quarter) to be answered before then.
+HANDSHAKE_HOLD_CEILING = 3.0
 # Clients only ever send pings; anything bigger is a mistake or an attack.
 MAX_CLIENT_FRAME = 4096
 # Room for every where= clause besides the handshake's other parameters.
@@ -280,25 +284,25 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             name.decode("latin-1").lower(): value.decode("latin-1")
             for name, value in self.scope.get("headers", [])
         }
+        client = self.scope.get("client") or (None, None)
+        ip = client_ip(client[0], headers.get("x-forwarded-for"))
         try:
             if "ticket" in query:
                 await tickets.redeem(query["ticket"])
             else:
-                await self._check_credentials(headers, query)
+                await self._check_credentials(headers, query, ip)
         except signing.SignatureError as exc:
-            await hold_refusal()
+            await hold_refusal(ip, at_most=HANDSHAKE_HOLD_CEILING)
             raise HandshakeError(exc.code) from None
         except tickets.TicketRefused as exc:
-            await hold_refusal()
+            await hold_refusal(ip, at_most=HANDSHAKE_HOLD_CEILING)
             raise HandshakeError(str(exc)) from None
         except (RedisError, OSError) as exc:
             raise HandshakeError(f"the store is unavailable: {exc}") from None
-        client = self.scope.get("client") or (None, None)
-        ip = client_ip(client[0], headers.get("x-forwarded-for"))
         await check_rate_limit(None, ip)
 
     async def _check_credentials(
-        self, headers: dict[str, str], query: dict[str, str]
+        self, headers: dict[str, str], query: dict[str, str], ip: str
     ) -> None:
         # Clients that cannot set headers put the v1 values in the query.
         offered = {
@@ -321,7 +325,7 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             require_v2=settings.REQUIRE_SIGNATURE_V2,
         )
         try:
-            await remember_nonce(verified)
+            await remember_nonce(verified, ip, at_most=HANDSHAKE_HOLD_CEILING)
         except ApiError as exc:
             raise HandshakeError(exc.code) from None
 

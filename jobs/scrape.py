@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from discord_poller.status import read_status
 from jobs import metrics  # noqa: F401  (registers the instruments)
-from jobs.auth import authenticate, hold_refusal
+from jobs.auth import authenticate, hold_refusal, request_ip
 from jobs.db import in_db_thread
 from jobs.queues import get_queue
 from jobs.responses import ApiError, require_method
@@ -94,7 +94,7 @@ async def _authorise(request: HttpRequest) -> None:
         offered = header.removeprefix("Bearer ").encode()
         if hmac.compare_digest(offered, token.encode()):
             return
-        await hold_refusal()
+        await hold_refusal(request_ip(request))
         raise ApiError(401, "bad_token", "The bearer token is not valid.")
     await authenticate(request)
 

@@ -33,6 +33,7 @@ _servers: list[PostgresServer | RedisServer] = []
 # and discord_poller/config.py), less those set below.
 _SETTINGS_FROM_THE_SHELL = {
     "ALLOWED_HOSTS",
+    "AUTH_FAILURE_MAX_DELAY_SECONDS",
     "BURST_POLL_SECONDS",
     "CHANNEL_ID",
     "CHANNEL_LAYER",

@@ -494,6 +494,26 @@ def test_phases_run_in_order_and_turns_only_runs_the_turns_alone() -> None:
             parse_args(["--turns-only", *contradiction])
 
 
+def test_settings_reach_every_daphne_process() -> None:
+    argv = ["--quick", "--redis", "--no-postgres", "--processes", "2"]
+    argv += ["--set", "AUTH_FAILURE_MAX_DELAY_SECONDS=1", "--set", "LOG_LEVEL=INFO"]
+    with contextlib.ExitStack() as exits:
+        stacks = build_stacks(parse_args(argv), exits)
+    gateways = [gateway for stack in stacks for gateway in stack.gateways]
+    assert len(gateways) == 3
+    for gateway in gateways:
+        assert (
+            gateway.extra_env.items()
+            >= {
+                "AUTH_FAILURE_MAX_DELAY_SECONDS": "1",
+                "LOG_LEVEL": "INFO",
+            }.items()
+        )
+    for malformed in ("AUTH_FAILURE_MAX_DELAY_SECONDS", "lower=1", "=1"):
+        with pytest.raises(SystemExit):
+            parse_args(["--set", malformed])
+
+
 @pytest.mark.parametrize("batch", [True, False], ids=["batched", "one-per-frame"])
 def test_a_short_phase_through_daphne_counts_every_frame_and_pull(
     batch: bool,

@@ -1,7 +1,9 @@
 """Refused credentials wait about ``AUTH_FAILURE_DELAY_SECONDS``; valid ones never do.
 
 In process for each kind of credential, then through a real daphne: refusals
-held there must not hold up the valid requests it serves meanwhile.
+held there must not hold up the valid requests it serves meanwhile. An address
+refused again and again is held longer, up to
+``AUTH_FAILURE_MAX_DELAY_SECONDS``, a handshake never past daphne's timeout.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from gateway_client import signing
 from gateway_project.asgi import application
 from jobs import auth
 from jobs.auth import REFUSAL_JITTER
+from jobs.consumers import HANDSHAKE_HOLD_CEILING
 from tests.conftest import assert_error, process_env
 from tests.servers import DaphneProcess
 from tests.stack import API_KEY, HMAC_SECRET
@@ -36,11 +39,29 @@ T = TypeVar("T")
 DELAY = 0.5
 
 
+@pytest.fixture(autouse=True)
+def no_earlier_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no address refused before (they are per process)."""
+    monkeypatch.setattr(auth, "repeat_refusals", auth.RepeatRefusals())
+
+
 @pytest.fixture
 def delay(settings: Settings) -> float:
     """The shortest a refusal is held: the delay, less its jitter."""
     settings.AUTH_FAILURE_DELAY_SECONDS = DELAY
     return DELAY * (1 - REFUSAL_JITTER)
+
+
+@pytest.fixture
+def waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The holds asked of the event loop, which then does not wait."""
+    asked: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        asked.append(seconds)
+
+    monkeypatch.setattr(auth, "asyncio", SimpleNamespace(sleep=sleep))
+    return asked
 
 
 async def timed(call: Awaitable[T]) -> tuple[T, float]:
@@ -57,23 +78,74 @@ def forged(sign: Sign) -> dict[str, str]:
 
 
 async def test_holds_spread_around_the_delay(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, waits: list[float]
 ) -> None:
     # Held exactly as long, a flood's connections would come back in waves.
     settings.AUTH_FAILURE_DELAY_SECONDS = DELAY
-    waits: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        waits.append(seconds)
-
-    monkeypatch.setattr(auth, "asyncio", SimpleNamespace(sleep=sleep))
+    settings.AUTH_FAILURE_MAX_DELAY_SECONDS = DELAY  # no growth here
     for _ in range(200):
-        await auth.hold_refusal()
+        await auth.hold_refusal("192.0.2.1")
     shortest, longest = DELAY * (1 - REFUSAL_JITTER), DELAY * (1 + REFUSAL_JITTER)
     assert all(shortest <= wait <= longest for wait in waits)
     assert max(waits) - min(waits) > DELAY * REFUSAL_JITTER  # spread, not one value
     # As many refusals a second as without the spread.
     assert statistics.mean(waits) == pytest.approx(DELAY, rel=0.05)
+
+
+# --- Repeated refusals to one address -------------------------------------------
+
+
+async def test_each_run_of_refusals_to_one_address_doubles_its_hold(
+    settings: Settings, waits: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.AUTH_FAILURE_DELAY_SECONDS = DELAY
+    settings.AUTH_FAILURE_MAX_DELAY_SECONDS = 6 * DELAY
+    monkeypatch.setattr(auth, "random", SimpleNamespace(uniform=lambda a, b: 0.0))
+    run = auth.DOUBLE_EVERY
+    for _ in range(5 * run):
+        await auth.hold_refusal("192.0.2.1")
+    await auth.hold_refusal("192.0.2.2")
+    held = [wait / DELAY for wait in waits]
+    assert held[: 4 * run] == [1] * run + [2] * run + [4] * run + [6] * run
+    assert held[4 * run : 5 * run] == [6] * run  # the ceiling
+    assert held[-1] == 1  # another address is held the delay
+
+
+def test_the_ceiling_is_never_below_the_delay(settings: Settings) -> None:
+    settings.AUTH_FAILURE_DELAY_SECONDS = DELAY
+    settings.AUTH_FAILURE_MAX_DELAY_SECONDS = 0
+    assert auth.hold_seconds(1_000_000) == DELAY
+    settings.AUTH_FAILURE_MAX_DELAY_SECONDS = 60
+    assert auth.hold_seconds(1_000_000) == 60
+
+
+def test_a_quiet_spell_forgives_an_address() -> None:
+    repeats = auth.RepeatRefusals()
+    quiet = auth.FORGET_AFTER_SECONDS
+    assert [repeats.count("192.0.2.1", now=n) for n in range(3)] == [0, 1, 2]
+    # Refused again just within the spell: the run goes on.
+    assert repeats.count("192.0.2.1", now=2 + quiet) == 3
+    # Past it: a fresh start.
+    assert repeats.count("192.0.2.1", now=3 + 2 * quiet) == 0
+
+
+def test_it_remembers_a_bounded_number_of_addresses() -> None:
+    repeats = auth.RepeatRefusals(max_tracked=3)
+    for ip in ("a", "b", "c", "a", "d"):  # "a" refused again, then "d" is new
+        repeats.count(ip, now=0)
+    assert len(repeats) == 3
+    assert repeats.count("b", now=0) == 0  # the least recently refused went
+    assert repeats.count("a", now=0) == 2
+
+
+async def test_nothing_is_counted_when_refusals_are_not_held(
+    settings: Settings, waits: list[float]
+) -> None:
+    settings.AUTH_FAILURE_DELAY_SECONDS = 0
+    for _ in range(3):
+        await auth.hold_refusal("192.0.2.1")
+    assert waits == []
+    assert len(auth.repeat_refusals) == 0
 
 
 @pytest.mark.parametrize(
@@ -151,6 +223,19 @@ async def test_a_refused_websocket_credential_waits(
     assert held >= delay
 
 
+async def test_a_refused_handshake_is_answered_before_daphne_drops_it(
+    settings: Settings, waits: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Held longer, the handshake would be cut off (autobahn's open-handshake
+    # timeout, 5 s) instead of refused.
+    settings.AUTH_FAILURE_DELAY_SECONDS = 8
+    monkeypatch.setattr(auth, "random", SimpleNamespace(uniform=lambda a, b: 0.25))
+    assert not await _handshake("?api_key=not-the-key", [])
+    assert not await _handshake("?ticket=never-issued", [])
+    assert waits == [HANDSHAKE_HOLD_CEILING * 1.25] * 2
+    assert max(waits) < 5 - 1
+
+
 async def test_a_handshake_refused_for_anything_else_does_not_wait(
     delay: float,
 ) -> None:
@@ -161,6 +246,61 @@ async def test_a_handshake_refused_for_anything_else_does_not_wait(
 
 
 # --- Through daphne -------------------------------------------------------------
+
+REPEAT_DELAY, REPEAT_CEILING = 0.05, 0.4
+
+
+async def test_an_address_refused_again_and_again_is_held_longer(
+    sign: Sign,
+) -> None:
+    env = process_env(
+        AUTH_FAILURE_DELAY_SECONDS=str(REPEAT_DELAY),
+        AUTH_FAILURE_MAX_DELAY_SECONDS=str(REPEAT_CEILING),
+        TRUSTED_PROXY_COUNT="1",
+    )
+    flooder, other = (
+        {"X-Forwarded-For": "203.0.113.7"},
+        {"X-Forwarded-For": "203.0.113.8"},
+    )
+    shortest_last_hold = REPEAT_CEILING * (1 - REFUSAL_JITTER)
+    with DaphneProcess(env=env) as process:
+        async with httpx.AsyncClient(
+            base_url=process.base_url, trust_env=False, timeout=10
+        ) as client:
+
+            async def refused(address: dict[str, str]) -> float:
+                headers = {**forged(sign), **address}
+                response, held = await timed(client.get("/job/next", headers=headers))
+                assert_error(response, 401, "bad_signature")
+                return held
+
+            first = await refused(flooder)
+            run = auth.DOUBLE_EVERY
+            for _ in range(3):  # three runs: held 0.05, 0.1 and 0.2 s
+                await asyncio.gather(*(refused(flooder) for _ in range(run)))
+            assert await refused(flooder) >= shortest_last_hold
+            # Another address is held the delay (0.05 s), far from 0.4.
+            assert await refused(other) < shortest_last_hold / 2
+            # The flooding address's valid requests are not held at all.
+            served, took = await timed(
+                client.get("/job/next", headers={**sign(), **flooder})
+            )
+            assert served.status_code == 204
+            assert took < shortest_last_hold
+        # Its handshakes share its count.
+        started = time.monotonic()
+        with pytest.raises(InvalidStatus) as handshake:
+            async with connect(
+                f"{process.ws_url}/ws",
+                additional_headers={"X-API-KEY": "not-the-key", **flooder},
+                proxy=None,
+                open_timeout=10,
+            ):
+                pass
+        assert handshake.value.response.status_code == 403
+        assert time.monotonic() - started >= shortest_last_hold
+    assert first < shortest_last_hold / 2
+
 
 LIVE_DELAY = 1.0
 LIVE_SHORTEST_HOLD = LIVE_DELAY * (1 - REFUSAL_JITTER)

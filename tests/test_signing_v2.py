@@ -403,14 +403,14 @@ async def test_a_nonce_is_forgotten_when_its_timestamp_goes_stale(
     }
     verified = signing.Verified(2, NOW, signing.new_nonce())
     with time_machine.travel(NOW, tick=False):
-        await remember_nonce(verified)
+        await remember_nonce(verified, "192.0.2.1")
     with time_machine.travel(NOW + 60, tick=False):
         with pytest.raises(ApiError) as replayed:
-            await remember_nonce(verified)
+            await remember_nonce(verified, "192.0.2.1")
         assert replayed.value.code == "replayed_nonce"
     with time_machine.travel(NOW + 62, tick=False):
         # Forgotten: by now the timestamp itself is refused as stale.
-        await remember_nonce(verified)
+        await remember_nonce(verified, "192.0.2.1")
 
 
 async def test_nonces_live_in_redis_for_their_window(
