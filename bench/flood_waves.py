@@ -6,7 +6,9 @@
 The load test's flood: each connection sends its next forged request (``POST
 /job``, ``GET /job/next``, a ``/ws`` handshake, by turns) as soon as the last
 is answered, and the gateway holds each refusal for about
-``AUTH_FAILURE_DELAY_SECONDS`` (its default here, 1 s). The send times after
+``AUTH_FAILURE_DELAY_SECONDS`` (its default, 1 s; pinned there, as the
+flood's one address would otherwise be held longer and longer, up to
+``AUTH_FAILURE_MAX_DELAY_SECONDS``). The send times after
 the first few seconds, counted in 50 ms windows, show whether the flood comes
 in waves (a few windows holding most requests) or evenly: the rate says how
 many forged requests a second the holds let through.
@@ -31,6 +33,8 @@ from bench.loadtest_http import FLOOD_KINDS, ForgedClient, admitted
 WINDOW = 0.05  # seconds
 # Left out of the figures: the first sends go out together whatever the holds.
 SETTLE = 4.0
+# Seconds each refusal is held, the same for every one (no growth).
+HOLD = "1"
 
 
 @dataclass(frozen=True)
@@ -100,10 +104,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     print(
         f"Flood: {args.connections} connections for {args.seconds:g} s, each "
-        f"sending when answered; refusals held as the gateway's defaults say.\n"
+        f"sending when answered; each refusal held about {HOLD} s.\n"
         f"{machine_summary()}"
     )
-    gateway = Gateway(access_log=True)
+    gateway = Gateway(
+        access_log=True,
+        extra_env={
+            "AUTH_FAILURE_DELAY_SECONDS": HOLD,
+            "AUTH_FAILURE_MAX_DELAY_SECONDS": HOLD,
+        },
+    )
     try:
         gateway.start()
         sent_at, answers = run_async(
