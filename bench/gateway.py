@@ -31,8 +31,11 @@ class Gateway:
         access_log: bool = True,
         application: str = "gateway_project.asgi:application",
         extra_env: dict[str, str] | None = None,
+        source: Path = REPO_ROOT,
     ) -> None:
         self.application = application
+        # The checkout served: another commit's, to compare before and after.
+        self.source = source
         self.extra_env = dict(extra_env or {})
         self._scratch = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
         (self._scratch / "settings.json").write_text("{}")
@@ -82,7 +85,7 @@ class Gateway:
         """Migrate, then start daphne and wait for ``/healthz``."""
         subprocess.run(
             [sys.executable, "manage.py", "migrate", "--noinput", "-v0"],
-            cwd=REPO_ROOT,
+            cwd=self.source,
             env=_merged(self.env()),
             check=True,
             stdin=subprocess.DEVNULL,
@@ -92,7 +95,10 @@ class Gateway:
         # the production command in the README does; -v 0 turns it off.
         extra_args = [] if self.access_log else ["-v", "0"]
         self.process = DaphneProcess(
-            env=self.env(), extra_args=extra_args, application=self.application
+            env=self.env(),
+            extra_args=extra_args,
+            application=self.application,
+            cwd=self.source,
         )
         self.process.start()
 

@@ -2,6 +2,7 @@
 
     python -m bench.http --quick      # 1 round, 1,000 jobs: 2-3 minutes
     python -m bench.http              # 3 rounds, 20,000 jobs: see below
+    python -m bench.http --v2-before REF   # v2 rate, REF's gateway against this one
 
 The full run's length is mostly the gateway publishing and draining 20,000 jobs
 per server: about 10 minutes at 250 jobs/s, 30 at 100 jobs/s; ``--jobs`` and
@@ -15,7 +16,12 @@ shared machine falls on both; the table gives medians and gateway/seed ratios.
   set, signed at the start: the contract allows reusing it for 60 s);
 - drain: N jobs published through ``POST /job`` by concurrent clients, then C
   clients loop ``GET /job/next`` until empty; every published job must come
-  back exactly once.
+  back exactly once;
+- v2 rate (``--v2-before REF``, instead of the above): ``GET /job/next`` on an
+  empty queue, each request signed v2 with a fresh nonce that the gateway must
+  remember, on SQLite; the gateway of commit REF (a temporary worktree) and of
+  this checkout alternate round after round, so a change to the nonce store
+  (or anything on the v2 path) is measured before and after in one run.
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ import argparse
 import contextlib
 import json
 import secrets
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bench import load
 from bench.baseline import add_baseline_arguments, seed_factory
@@ -326,7 +335,10 @@ def drain_rate(phase: load.Drain) -> float:
     return len(phase.claimed) / phase.seconds if phase.seconds else 0.0
 
 
-def rotated(sides: Sequence[Side], by: int) -> list[Side]:
+T = TypeVar("T")
+
+
+def rotated(sides: Sequence[T], by: int) -> list[T]:
     """``sides`` starting at ``by``: each round starts with another server."""
     shift = by % len(sides)
     return [*sides[shift:], *sides[:shift]]
@@ -497,6 +509,89 @@ def save(path: Path, options: Options, rows: Sequence[Row], summary: str) -> Non
 # --- Command line ---------------------------------------------------------------
 
 
+# --- Signature v2: one nonce remembered per request ------------------------------
+
+
+@contextlib.contextmanager
+def checkout(ref: str) -> Iterator[Path]:
+    """A temporary worktree of ``ref``, removed on the way out."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-ref-")) / "tree"
+    git = ["git", "-C", str(REPO_ROOT)]
+    subprocess.run(
+        [*git, "worktree", "add", "--detach", "-q", str(folder), ref], check=True
+    )
+    try:
+        yield folder
+    finally:
+        subprocess.run(
+            [*git, "worktree", "remove", "--force", str(folder)], check=False
+        )
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def run_v2(args: argparse.Namespace) -> int:
+    """The v2 request rate of ``args.v2_before``'s gateway and this one's."""
+    print(
+        f"Signature v2: GET /job/next on an empty queue, a fresh nonce per request, "
+        f"{args.connections} clients, {args.duration:g} s a round, {args.rounds} "
+        f"interleaved round(s); SQLite, one daphne each.\n{machine_summary()}"
+    )
+    rates: dict[str, list[float]] = {}
+    cpus: dict[str, list[float]] = {}
+    problems: list[str] = []
+    sides: dict[str, Gateway] = {}
+    with contextlib.ExitStack() as stack:
+        before = stack.enter_context(checkout(args.v2_before))
+        sides = {
+            f"before ({args.v2_before})": Gateway(source=before),
+            "after (this checkout)": Gateway(),
+        }
+        for gateway in sides.values():
+            stack.callback(gateway.close)
+            gateway.start()
+            run_async(load.v2_requests(gateway.base_url, concurrency=8, duration=2))
+        for number in range(args.rounds):
+            for label, gateway in rotated(list(sides.items()), number):
+                wait_idle(gateway.pid)
+                cpu_before = cpu_seconds(gateway.pid)
+                phase = run_async(
+                    load.v2_requests(
+                        gateway.base_url,
+                        concurrency=args.connections,
+                        duration=args.duration,
+                    )
+                )
+                cpu = _per_item(cpu_before, cpu_seconds(gateway.pid), phase.count)
+                rates.setdefault(label, []).append(phase.rate)
+                if cpu is not None:
+                    cpus.setdefault(label, []).append(cpu)
+                if phase.errors:
+                    problems.append(f"{label}: {dict(phase.errors)}")
+                print(
+                    f" round {number + 1}: {label:<28} {phase.rate:>7,.0f} req/s  "
+                    f"CPU {fmt(cpu)} µs/req"
+                )
+    labels = list(sides)
+    before_rates, after_rates = (rates.get(label, []) for label in labels)
+    print(f"\nMedians of {args.rounds} round(s).\n{machine_summary()}")
+    for label in labels:
+        print(
+            f"  {label:<28} {median(rates[label]):>7,.0f} req/s  "
+            f"CPU {fmt(median(cpus.get(label, [])))} µs/req"
+        )
+    per_round = [
+        ratio(after, before) or 0.0
+        for before, after in zip(before_rates, after_rates, strict=True)
+    ]
+    print(
+        f"  after / before: {fmt(ratio(median(after_rates), median(before_rates)), 2)} "
+        f"(per round {_listed(per_round)})"
+    )
+    for problem in problems:
+        print(f"PROBLEM {problem}")
+    return 1 if problems else 0
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.http",
@@ -535,6 +630,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=False,
         help="add a gateway row on PostgreSQL, database queue (default: off)",
     )
+    parser.add_argument(
+        "--v2-before",
+        metavar="REF",
+        help="measure only the v2 request rate, the gateway at git REF against "
+        "this checkout's (uses --rounds, --duration, --connections)",
+    )
     add_baseline_arguments(parser)
     parser.add_argument("--json", type=Path, help="where to save every figure")
     args = parser.parse_args(argv)
@@ -564,6 +665,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.v2_before:
+        return run_v2(args)
     options = Options(
         rounds=args.rounds,
         drain_rounds=args.drain_rounds,

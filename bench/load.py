@@ -23,7 +23,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from bench.common import Signer
+from bench.common import API_KEY, HMAC_SECRET, Signer
+from gateway_client.signing import signed_headers_v2
 
 NEXT_PATH = "/job/next"
 JOB_PATH = "/job"
@@ -333,6 +334,37 @@ async def drain(
         phase.fail("request limit reached before the queue was empty")
 
     await _run_clients(client, phase, clients, deadline)
+    return phase
+
+
+async def v2_requests(base_url: str, *, concurrency: int, duration: float) -> Phase:
+    """``GET /job/next`` on an empty queue, each request signed v2 afresh.
+
+    Every request carries a new nonce, so the server remembers one per request:
+    what this measures beside the v1 rate is the cost of that store.
+    """
+    phase = Phase()
+    url = base_url + NEXT_PATH
+    stop = time.monotonic() + duration
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        while time.monotonic() < stop:
+            headers = signed_headers_v2(
+                API_KEY, HMAC_SECRET, method="GET", target=NEXT_PATH
+            )
+            try:
+                async with session.get(url, headers=headers) as response:
+                    await response.read()
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if not phase.fail(type(exc).__name__):
+                    return
+                continue
+            phase.count += 1
+            if status != 204 and not phase.fail(f"HTTP {status}"):
+                return
+
+    await _run_clients(client, phase, concurrency, stop + 30)
     return phase
 
 

@@ -28,6 +28,7 @@ from jobs.auth import client_ip, hold_refusal, remember_nonce, scope_target
 from jobs.db import in_db_thread
 from jobs.filters import MAX_CLAUSES, FilterError, JobFilter, requested_filter
 from jobs.models import Job
+from jobs.payloads import PayloadError, load_json
 from jobs.ratelimits import check_rate_limit
 from jobs.responses import ApiError
 
@@ -181,9 +182,9 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
             )
             return
         try:
-            message = json.loads(text_data)
-        except ValueError:
-            await self._error("bad_json", "The frame is not valid JSON.")
+            message = load_json(text_data, what="frame")
+        except PayloadError as exc:
+            await self._error(exc.code, exc.detail)
             return
         if isinstance(message, dict) and message.get("type") == "ping":
             await self._send({"type": "pong", "server_time": time.time()})

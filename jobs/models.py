@@ -86,3 +86,23 @@ class Job(models.Model):
 def _iso(moment: datetime) -> str:
     # Milliseconds and a Z, as in the contract's example.
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class SingleUse(models.Model):
+    """A value good once within its lifetime: a v2 nonce or a WebSocket ticket.
+
+    The store of ``jobs.onetime`` when there is no Redis: the primary key makes
+    "first to ask wins" one statement, and rows are kept until they expire, so
+    no traffic evicts them and a restart forgets none.
+    """
+
+    key = models.CharField(max_length=160, primary_key=True)
+    value = models.CharField(max_length=64)
+    # Unix time, as the callers count lifetimes in seconds.
+    expires_at = models.FloatField()
+
+    class Meta:
+        indexes = [models.Index(fields=["expires_at"], name="single_use_expiry_idx")]
+
+    def __str__(self) -> str:
+        return self.key.partition(":")[0]

@@ -12,6 +12,8 @@ JOB_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 CHANNEL_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAX_TTL_SECONDS = 86400
 MAX_FIELDS = 100
+# Arrays and objects within one another, at most (the outermost is level 1).
+MAX_JSON_DEPTH = 64
 
 ALLOWED_KEYS = frozenset(
     {"job_id", "place_id", "channel", "message_id", "title", "fields", "ttl", "source"}
@@ -43,13 +45,51 @@ class JobDraft:
 
 def parse_job(body: bytes) -> JobDraft:
     """Parse and validate a ``POST /job`` body; raise ``PayloadError`` if it is bad."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise PayloadError("bad_json", "The body is not valid JSON.") from None
+    data = load_json(body, what="body")
     if not isinstance(data, dict):
         raise PayloadError("bad_json", "The body must be a JSON object.")
     return draft_from_mapping(data)
+
+
+def load_json(text: bytes | str, *, what: str) -> Any:
+    """Decode JSON from a client; raise ``PayloadError`` (``bad_json``) if it is bad.
+
+    Nesting past ``MAX_JSON_DEPTH`` is refused like a syntax error: no job
+    nests more than three levels, and ``json`` recurses once per level, so a
+    body of a few kilobytes of brackets would otherwise end in a
+    ``RecursionError``.
+    """
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise _too_deep(what) from None
+    except (ValueError, UnicodeDecodeError):
+        raise PayloadError("bad_json", f"The {what} is not valid JSON.") from None
+    if _deeper_than(data, MAX_JSON_DEPTH):
+        raise _too_deep(what)
+    return data
+
+
+def _too_deep(what: str) -> PayloadError:
+    return PayloadError(
+        "bad_json", f"The {what} nests more than {MAX_JSON_DEPTH} levels deep."
+    )
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    """Whether ``data`` has arrays or objects nested more than ``limit`` deep."""
+    # The containers at one level, then the next, ``limit`` times.
+    level: list[Any] = [data] if isinstance(data, dict | list) else []
+    for _ in range(limit):
+        if not level:
+            return False
+        level = [
+            child
+            for value in level
+            for child in (value.values() if isinstance(value, dict) else value)
+            if isinstance(child, dict | list)
+        ]
+    return bool(level)
 
 
 def draft_from_mapping(data: dict[str, Any]) -> JobDraft:

@@ -111,6 +111,21 @@ def empty_redis(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("clean_redis")
 
 
+@pytest.fixture(params=["database", "redis"])
+def store(request: pytest.FixtureRequest, settings: Any) -> str:
+    """Run the test on each store of single-use values (``jobs.onetime``).
+
+    ``database`` is the embedded default's; ``redis`` the one with ``REDIS_URL``.
+    """
+    if request.param == "redis":
+        settings.REDIS_URL = request.getfixturevalue("clean_redis")
+    else:
+        settings.REDIS_URL = ""
+        # The queue must not follow REDIS_URL away.
+        settings.QUEUE_BACKEND = "database"
+    return str(request.param)
+
+
 def assert_error(response: httpx.Response, status: int, code: str) -> str:
     """Check an error answer's shape (contract section 5); return its ``detail``."""
     assert response.status_code == status, response.text

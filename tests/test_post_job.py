@@ -13,6 +13,9 @@ import pytest
 import time_machine
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from pytest_django import Settings
 
 from jobs import groups
@@ -385,6 +388,76 @@ async def test_body_that_is_not_a_json_object(
     )
     assert_error(response, 400, "bad_json")
     assert await count_jobs() == 0
+
+
+def nested(depth: int, inner: bytes = b"1") -> bytes:
+    """``depth`` arrays within one another around ``inner``."""
+    return b"[" * depth + inner + b"]" * depth
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        nested(65),
+        nested(1200),
+        b'{"a": ' * 1200 + b"1" + b"}" * 1200,
+        # Deep inside an otherwise valid job.
+        b'{"job_id": "a", "fields": {"x": ' + nested(63) + b"}}",
+    ],
+    ids=["65", "1200", "1200-objects", "in-fields"],
+)
+async def test_json_nested_too_deep_is_bad_json_not_a_500(
+    api: httpx.AsyncClient, sign: Sign, body: bytes
+) -> None:
+    response = await api.post(
+        "/job", content=body, headers={**sign(), "Content-Type": "application/json"}
+    )
+    detail = assert_error(response, 400, "bad_json")
+    assert "more than 64 levels deep" in detail
+    assert await count_jobs() == 0
+
+
+def test_json_nested_to_the_limit_is_parsed() -> None:
+    # Depth 64 reaches the validation of the fields, which refuses a list.
+    with pytest.raises(PayloadError) as refused:
+        parse_job(b'{"job_id": "a", "fields": {"x": ' + nested(62) + b"}}")
+    assert refused.value.code == "bad_field"
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=40,
+)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=256),
+        _json_values.map(lambda value: json.dumps(value).encode()),
+        st.integers(1, 3000).map(nested),
+        st.tuples(st.integers(0, 200), _json_values).map(
+            lambda pair: (
+                b'{"job_id": "a", "fields": '
+                + nested(pair[0], json.dumps(pair[1]).encode())
+                + b"}"
+            )
+        ),
+    )
+)
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_any_body_is_a_job_or_a_400(body: bytes) -> None:
+    refusal: PayloadError | None = None
+    try:
+        parse_job(body)
+    except PayloadError as exc:  # anything else (RecursionError...) fails the test
+        refusal = exc
+    assert refusal is None or (
+        refusal.code in {"bad_json", "bad_field"} and refusal.detail
+    )
 
 
 def job_of_size(size: int) -> bytes:

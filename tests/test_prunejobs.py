@@ -1,7 +1,8 @@
-"""``manage.py prunejobs``: expired jobs marked, old jobs deleted, the rest kept."""
+"""``manage.py prunejobs``: expired jobs marked, old jobs and used-up nonces deleted."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from io import StringIO
 
@@ -10,7 +11,7 @@ from django.core.management import call_command
 from django.utils import timezone
 from pytest_django import Settings
 
-from jobs.models import Job
+from jobs.models import Job, SingleUse
 
 pytestmark = pytest.mark.django_db
 
@@ -35,7 +36,7 @@ def test_marks_expired_queued_jobs_and_leaves_the_rest() -> None:
     claimed = make_job(
         "claimed", age=10 * minute, ttl=5 * minute, status=Job.Status.CLAIMED
     )
-    assert prune() == "1 job(s) marked expired, 0 deleted.\n"
+    assert prune().startswith("1 job(s) marked expired, 0 deleted;")
     statuses = {
         job.job_id: job.status
         for job in Job.objects.filter(pk__in=[stale.pk, waiting.pk, claimed.pk])
@@ -54,7 +55,7 @@ def test_deletes_jobs_older_than_the_retention(settings: Settings) -> None:
     make_job("old-queued", age=3 * hour, ttl=hour)
     make_job("young", age=hour, ttl=hour / 2, status=Job.Status.EXPIRED)
     make_job("new", age=timedelta(0), ttl=hour)
-    assert prune().endswith(", 2 deleted.\n")
+    assert ", 2 deleted;" in prune()
     assert sorted(Job.objects.values_list("job_id", flat=True)) == ["new", "young"]
 
 
@@ -65,5 +66,16 @@ def test_default_retention_is_24_hours() -> None:
     assert list(Job.objects.values_list("job_id", flat=True)) == ["younger"]
 
 
+def test_forgets_expired_nonces_and_tickets() -> None:
+    now = time.time()
+    SingleUse.objects.create(key="nonce:old", value="1", expires_at=now - 1)
+    SingleUse.objects.create(key="nonce:live", value="1", expires_at=now + 60)
+    assert prune().endswith("; 1 expired nonce(s) and ticket(s) forgotten.\n")
+    assert list(SingleUse.objects.values_list("key", flat=True)) == ["nonce:live"]
+
+
 def test_nothing_to_do() -> None:
-    assert prune() == "0 job(s) marked expired, 0 deleted.\n"
+    assert prune() == (
+        "0 job(s) marked expired, 0 deleted; "
+        "0 expired nonce(s) and ticket(s) forgotten.\n"
+    )

@@ -392,15 +392,13 @@ async def test_api_names_nonce_and_version_errors(
     assert_401(await api.get("/job/next", headers=headers), code)
 
 
+@pytest.mark.usefixtures("transactional_db")
 async def test_a_nonce_is_forgotten_when_its_timestamp_goes_stale(
     settings: Settings,
 ) -> None:
-    # The local-memory store, whose clock time-machine can move; Redis keeps
-    # its own clock, so there the TTL itself is checked (below).
+    # The database store, which reads the clock time-machine moves; Redis
+    # keeps its own clock, so there the TTL itself is checked (below).
     settings.REDIS_URL = ""
-    settings.CACHES = {
-        "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
-    }
     verified = signing.Verified(2, NOW, signing.new_nonce())
     with time_machine.travel(NOW, tick=False):
         await remember_nonce(verified, "192.0.2.1")

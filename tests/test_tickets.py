@@ -36,21 +36,6 @@ async def fresh_layer(request: pytest.FixtureRequest) -> AsyncIterator[None]:
     await get_channel_layer().flush()
 
 
-@pytest.fixture(params=["memory", "redis"])
-def store(request: pytest.FixtureRequest, settings: Settings) -> str:
-    """Run the test on the local-memory store and on Redis."""
-    if request.param == "redis":
-        settings.REDIS_URL = request.getfixturevalue("clean_redis")
-    else:
-        settings.REDIS_URL = ""
-        settings.CACHES = {
-            "default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
-        }
-        # The queue (used by nothing here) must not follow REDIS_URL away.
-        settings.QUEUE_BACKEND = "database"
-    return str(request.param)
-
-
 async def get_ticket(api: httpx.AsyncClient) -> str:
     headers = signing.signed_headers_v2(
         API_KEY, HMAC_SECRET, method="POST", target="/ws/ticket"

@@ -152,6 +152,7 @@ async def test_messages_are_handled_without_a_hop_to_the_sync_thread(
     ("frame", "code"),
     [
         ({"text_data": "{not json"}, "bad_json"),
+        ({"text_data": "[" * 2000 + "]" * 2000}, "bad_json"),
         ({"text_data": '{"type": "subscribe"}'}, "unknown_type"),
         ({"text_data": '["ping"]'}, "unknown_type"),
         ({"text_data": '{"type": "ping", "pad": "' + "x" * 5000 + '"}'}, "too_large"),

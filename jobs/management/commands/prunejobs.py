@@ -6,12 +6,20 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
+from jobs import onetime
 from jobs.retention import prune
 
 
 class Command(BaseCommand):
-    help = "Mark expired jobs, and delete jobs older than JOB_RETENTION_HOURS."
+    help = (
+        "Mark expired jobs, delete jobs older than JOB_RETENTION_HOURS, and "
+        "forget expired nonces and tickets."
+    )
 
     def handle(self, *args: Any, **options: Any) -> None:
         expired, deleted = prune()
-        self.stdout.write(f"{expired} job(s) marked expired, {deleted} deleted.")
+        forgotten = onetime.prune()
+        self.stdout.write(
+            f"{expired} job(s) marked expired, {deleted} deleted; "
+            f"{forgotten} expired nonce(s) and ticket(s) forgotten."
+        )
