@@ -8,6 +8,7 @@ tests/test_admin_login_live.py.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 import time_machine
 from axes.models import AccessAttempt
 from django.contrib.auth.models import User
+from django.core.management import call_command
 from django.test import Client, RequestFactory
 from pytest_django import Settings
 
@@ -134,6 +136,45 @@ def test_a_lockout_lives_in_the_database(boss: User) -> None:
     assert list(rows) == [("boss", "203.0.113.7", LIMIT)]
     # The password typed is never stored.
     assert WRONG not in AccessAttempt.objects.get().post_data
+
+
+def test_a_login_does_not_clear_the_count(boss: User) -> None:
+    # Otherwise one account of one's own would reset an address's count
+    # between guesses at another.
+    for _ in range(LIMIT - 1):
+        attempt("boss", WRONG)
+    assert_logged_in(attempt("boss", PASSWORD))
+    assert_locked(attempt("boss", WRONG))
+
+
+def test_a_failure_is_logged_with_the_address_never_what_was_typed(
+    boss: User, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="axes"):
+        attempt("secret-typed-as-a-name", WRONG, "203.0.113.7")
+    lines = [record.getMessage() for record in caplog.records]
+    assert any("203.0.113.7" in line and LOGIN in line for line in lines), lines
+    assert not any("secret-typed-as-a-name" in line for line in lines), lines
+    assert not any(WRONG in line for line in lines), lines
+
+
+def test_an_administrator_lifts_a_lockout_sooner(boss: User) -> None:
+    # The commands docs/security.md gives.
+    for _ in range(LIMIT):
+        attempt("boss", WRONG, "198.51.100.1")
+    call_command("axes_reset_username", "boss")
+    assert_logged_in(attempt("boss", PASSWORD, "198.51.100.1"))
+
+    for n in range(LIMIT):
+        attempt(f"guess-{n}", WRONG, "203.0.113.7")
+    assert_locked(attempt("boss", PASSWORD, "203.0.113.7"))
+    call_command("axes_reset_ip", "203.0.113.7")
+    assert_logged_in(attempt("boss", PASSWORD, "203.0.113.7"))
+
+    for _ in range(LIMIT):
+        attempt("boss", WRONG, "198.51.100.2")
+    call_command("axes_reset")
+    assert_logged_in(attempt("boss", PASSWORD, "198.51.100.2"))
 
 
 # --- The page and the cool-down -------------------------------------------------
