@@ -8,6 +8,7 @@ decides, here and nowhere else, which queue, channel layer and cache are used.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -41,6 +42,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "axes",
     "jobs",
     "discord_poller",
 ]
@@ -55,6 +57,9 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as axes asks: it turns the login view's refused attempt into the
+    # lockout page on the way out.
+    "axes.middleware.AxesMiddleware",
 ]
 API_MIDDLEWARE = ["jobs.middleware.ApiMiddleware"]
 
@@ -99,6 +104,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# axes first: it refuses a locked-out attempt before the password is checked
+# (and hashed). It logs nobody in itself, so the model backend follows.
+# authenticate() now needs the request (the admin's login form passes it).
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": f"django.contrib.auth.password_validation.{name}"}
@@ -230,6 +243,35 @@ try:
 except FilterError as exc:
     raise ImproperlyConfigured(f"TIERS: {exc}") from None
 PORT = config.integer("PORT", 8000, minimum=1, maximum=65535)
+
+# --- The admin's login throttle (docs/security.md, "The admin login") ----------
+
+# After this many wrong passwords for one account, or from one address, further
+# attempts are refused (429, jobs.adminlogin) until the cool-off has passed.
+ADMIN_LOGIN_FAILURE_LIMIT = config.integer(
+    "ADMIN_LOGIN_FAILURE_LIMIT", 5, minimum=1, maximum=100
+)
+ADMIN_LOGIN_COOLOFF_MINUTES = config.integer(
+    "ADMIN_LOGIN_COOLOFF_MINUTES", 15, minimum=1, maximum=1440
+)
+# Counted in the database, on both stacks: a cache evicts under load and the
+# embedded one empties on restart, either of which would forget a lockout.
+AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"
+AXES_FAILURE_LIMIT = ADMIN_LOGIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = timedelta(minutes=ADMIN_LOGIN_COOLOFF_MINUTES)
+# Either reaches the limit: one account tried from many addresses, or one
+# address trying many accounts.
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+# Attempts during a lockout are refused unrecorded, so the lockout ends when
+# the page says it does, however often someone knocks meanwhile.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+# The API's client-address rule, TRUSTED_PROXY_COUNT included.
+AXES_CLIENT_IP_CALLABLE = "jobs.adminlogin.client_address"
+AXES_LOCKOUT_CALLABLE = "jobs.adminlogin.lockout_response"
+# Log the address, not what was typed as a user name (sometimes a password),
+# nor the user agent; and no version banner at every start.
+AXES_VERBOSE = False
+AXES_SENSITIVE_PARAMETERS = ["username"]
 
 # Django refuses bodies over this before our own MAX_JOB_BYTES check can.
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(MAX_JOB_BYTES * 2, 2_621_440)

@@ -32,6 +32,8 @@ _servers: list[PostgresServer | RedisServer] = []
 # Every setting the gateway and the poller read (gateway_project/settings.py
 # and discord_poller/config.py), less those set below.
 _SETTINGS_FROM_THE_SHELL = {
+    "ADMIN_LOGIN_COOLOFF_MINUTES",
+    "ADMIN_LOGIN_FAILURE_LIMIT",
     "ALLOWED_HOSTS",
     "AUTH_FAILURE_MAX_DELAY_SECONDS",
     "BURST_POLL_SECONDS",

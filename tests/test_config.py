@@ -274,6 +274,62 @@ def test_a_bad_value_stops_start_up_naming_it() -> None:
     assert "RATE_LIMIT_PER_MINUTE must be a whole number, not 'lots'" in result.stderr
 
 
+# --- The admin login's throttle -------------------------------------------------
+
+_PRINT_THROTTLE = (
+    "import django; django.setup(); from django.conf import settings; "
+    "print(settings.AXES_FAILURE_LIMIT, settings.AXES_COOLOFF_TIME.total_seconds())"
+)
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "5 900.0"),
+        (
+            {"ADMIN_LOGIN_FAILURE_LIMIT": "3", "ADMIN_LOGIN_COOLOFF_MINUTES": "60"},
+            "3 3600.0",
+        ),
+        (
+            {"ADMIN_LOGIN_FAILURE_LIMIT": " 1 ", "ADMIN_LOGIN_COOLOFF_MINUTES": "1440"},
+            "1 86400.0",
+        ),
+    ],
+)
+def test_admin_login_throttle_settings_reach_axes(
+    env: dict[str, str], expected: str
+) -> None:
+    result = run(
+        [sys.executable, "-c", _PRINT_THROTTLE],
+        DJANGO_SETTINGS_MODULE="gateway_project.settings",
+        **env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("ADMIN_LOGIN_FAILURE_LIMIT", "0", "must be at least 1, not 0"),
+        ("ADMIN_LOGIN_FAILURE_LIMIT", "101", "must be at most 100, not 101"),
+        ("ADMIN_LOGIN_FAILURE_LIMIT", "five", "must be a whole number, not 'five'"),
+        ("ADMIN_LOGIN_COOLOFF_MINUTES", "0", "must be at least 1, not 0"),
+        ("ADMIN_LOGIN_COOLOFF_MINUTES", "1441", "must be at most 1440, not 1441"),
+        ("ADMIN_LOGIN_COOLOFF_MINUTES", "2.5", "must be a whole number, not '2.5'"),
+        ("ADMIN_LOGIN_COOLOFF_MINUTES", "15m", "must be a whole number, not '15m'"),
+    ],
+)
+def test_a_bad_admin_login_throttle_value_stops_start_up(
+    name: str, value: str, message: str
+) -> None:
+    result = run([sys.executable, "manage.py", "check"], **{name: value})
+    assert result.returncode != 0
+    assert f"{name} {message}" in result.stderr
+
+
 # --- The test suite's own isolation -------------------------------------------
 
 
