@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT, fmt, format_table
-from tests.servers import PostgresServer, RedisServer
+from testkit.servers import PostgresServer, RedisServer
 
 BACKENDS = ("sqlite", "postgresql", "redis")
 FILTER = "where=money>=10M"

@@ -29,7 +29,7 @@ from bench import load
 from bench.baseline import SeedProcess, ensure_venv, find_baseline
 from bench.common import RESULTS_DIR, Signer, format_table, machine_summary
 from bench.gateway import Gateway
-from tests.servers import RedisServer
+from testkit.servers import RedisServer
 
 # "func (path/to/file.py:123)" as py-spy writes each frame of a raw stack.
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]*)(?::\d+)?\)$")
