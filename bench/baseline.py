@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from bench.common import API_KEY, HMAC_SECRET, REPO_ROOT
-from tests.servers import LOOPBACK, ManagedProcess, free_port, wait_for_http
+from testkit.servers import LOOPBACK, ManagedProcess, free_port, wait_for_http
 
 BASELINE_DIR_ENV = "BENCH_BASELINE_DIR"
 VENV_DIR = REPO_ROOT / "bench" / ".seed-venv"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway_client.signing import signed_headers
-from tests.servers import REPO_ROOT
+from testkit.servers import REPO_ROOT
 
 __all__ = [
     "API_KEY",

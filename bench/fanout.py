@@ -54,7 +54,7 @@ from bench.common import (
 from bench.fanout_client import ClientPool, Expected, publish_jobs, tally
 from bench.fanout_proc import cpu_seconds, rss_kib, settle
 from bench.gateway import Gateway
-from tests.servers import LOOPBACK, RedisServer
+from testkit.servers import LOOPBACK, RedisServer
 
 CONFIGS = ("embedded", "redis-pubsub", "redis")
 # Bounds on each step, so that a stuck server cannot hold the run forever.

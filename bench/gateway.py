@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import API_KEY, DJANGO_SECRET_KEY, HMAC_SECRET, REPO_ROOT
-from tests.servers import DaphneProcess, PostgresServer
+from testkit.servers import DaphneProcess, PostgresServer
 
 _MIGRATE_TIMEOUT = 180.0
 

@@ -57,7 +57,7 @@ from bench.common import (
     wait_idle,
 )
 from bench.gateway import Gateway, PostgresDatabase
-from tests.servers import PostgresServer, RedisServer
+from testkit.servers import PostgresServer, RedisServer
 
 # Bounds on each phase, so that a stuck server cannot hold the run forever: a
 # publish or a drain may take as long as MIN_JOB_RATE jobs/s needs, no longer.

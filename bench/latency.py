@@ -47,9 +47,9 @@ from bench.common import (
     run_async,
 )
 from bench.gateway import Gateway
-from tests.fakes.discord import DEFAULT_TOKEN
-from tests.fakes.discord import MODES as BUCKETS
-from tests.servers import ManagedProcess
+from testkit.fakes.discord import DEFAULT_TOKEN
+from testkit.fakes.discord import MODES as BUCKETS
+from testkit.servers import ManagedProcess
 
 CHANNEL = "1390012345678901234"
 MODES = ("lenient", "discord-like")
@@ -103,7 +103,7 @@ class PhaseResult:
 def start_fake(mode: str) -> tuple[ManagedProcess, str]:
     """A fake Discord process in ``mode``; returns it and its API base URL."""
     fake = ManagedProcess(
-        [sys.executable, "-m", "tests.fakes.discord", "--port", "0", "--mode", mode],
+        [sys.executable, "-m", "testkit.fakes.discord", "--port", "0", "--mode", mode],
         cwd=REPO_ROOT,
         name="fake-discord",
         ready=lambda p: p.wait_for_output("READY ", 15),

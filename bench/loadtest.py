@@ -70,7 +70,7 @@ from bench.loadtest_ws import (
     split,
     tally_ws,
 )
-from tests.servers import LOOPBACK, PostgresServer, RedisServer
+from testkit.servers import LOOPBACK, PostgresServer, RedisServer
 
 # The target: the flood slows valid traffic by no more than 20 %.
 SLOWDOWN_LIMIT = 0.20

@@ -20,7 +20,7 @@ import redis
 from django.db import connection
 
 from gateway_client.signing import signed_headers
-from tests.servers import DaphneProcess, PostgresServer, RedisServer
+from testkit.servers import DaphneProcess, PostgresServer, RedisServer
 from tests.stack import API_KEY, HMAC_SECRET, STACK
 
 

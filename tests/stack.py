@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import PostgresServer, RedisServer
+from testkit.servers import PostgresServer, RedisServer
 
 API_KEY = "test-api-key"
 HMAC_SECRET = "test-hmac-secret"

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.latency import polling_floor
-from tests.fakes.discord import MODES
+from testkit.fakes.discord import MODES
 
 LIMIT, WINDOW = MODES["discord-like"]
 FLOOR = WINDOW / (2 * LIMIT)

@@ -20,8 +20,8 @@ from gateway_project.config import (
     parse_int,
     parse_list,
 )
+from testkit.servers import REPO_ROOT
 from tests import stack
-from tests.servers import REPO_ROOT
 
 # --- The typed parsers --------------------------------------------------------
 

@@ -21,8 +21,8 @@ import pytest
 from django.contrib.auth.models import Permission, User
 
 from gateway_client.signing import signed_headers
+from testkit.servers import REPO_ROOT
 from tests.conftest import LiveGateway
-from tests.servers import REPO_ROOT
 
 try:
     from selenium.webdriver import Chrome, ChromeOptions, ChromeService

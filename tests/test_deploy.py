@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.servers import REPO_ROOT, DaphneProcess
+from testkit.servers import REPO_ROOT, DaphneProcess
 
 RENDER_HOST = "job-gateway.onrender.com"
 SECRETS = ("API_KEY", "HMAC_SECRET", "DISCORD_TOKEN", "CHANNEL_ID")

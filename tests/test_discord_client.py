@@ -27,7 +27,7 @@ from discord_poller.client import (
     Unauthorized,
     discord_user_agent,
 )
-from tests.fakes.discord import DISCORD_EPOCH_MS, FakeDiscord
+from testkit.fakes.discord import DISCORD_EPOCH_MS, FakeDiscord
 
 CHANNEL = "1390012345678901234"
 OTHER = "1390012345678901235"
@@ -93,7 +93,7 @@ async def test_fake_runs_as_a_process_steered_over_http() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "tests.fakes.discord",
+        "testkit.fakes.discord",
         "--port",
         "0",
         "--mode",
@@ -414,7 +414,7 @@ async def test_a_slow_answer_times_out_as_unavailable(fake: FakeDiscord) -> None
 
 def test_the_ban_page_is_html() -> None:
     # Guards the fake: a ban must look like Cloudflare's, not like JSON.
-    from tests.fakes.discord import BAN_PAGE
+    from testkit.fakes.discord import BAN_PAGE
 
     with pytest.raises(json.JSONDecodeError):
         json.loads(BAN_PAGE)

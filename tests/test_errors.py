@@ -15,8 +15,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from jobs import services
 from jobs.models import Job
 from jobs.queues import DatabaseQueue, RedisQueue
+from testkit.servers import free_port
 from tests.conftest import assert_error
-from tests.servers import free_port
 
 pytestmark = pytest.mark.usefixtures("empty_redis")
 

@@ -34,8 +34,8 @@ from asgiref.sync import sync_to_async
 from gateway_client.signing import signed_headers
 from jobs.models import Job
 from jobs.queues import QUEUE_KEY
+from testkit.servers import REPO_ROOT, DaphneProcess, PostgresServer, RedisServer
 from tests.conftest import LiveGateway, process_env
-from tests.servers import REPO_ROOT, DaphneProcess, PostgresServer, RedisServer
 from tests.stack import API_KEY, HMAC_SECRET
 from tests.test_runpoller import (
     CHANNEL,

@@ -22,9 +22,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from gateway_client.signing import signed_headers
+from testkit.servers import REPO_ROOT, DaphneProcess
 from tests.conftest import process_env
 from tests.filter_cases import JOBS, TIERS
-from tests.servers import REPO_ROOT, DaphneProcess
 from tests.stack import API_KEY, HMAC_SECRET
 
 pytestmark = pytest.mark.processes

@@ -30,7 +30,7 @@ from gateway_client import (
     signing,
 )
 from gateway_client.errors import parse_retry_after
-from tests.servers import REPO_ROOT
+from testkit.servers import REPO_ROOT
 
 JOB = {"id": 7, "job_id": "abc-1", "channel": "api"}
 

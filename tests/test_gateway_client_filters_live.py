@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from gateway_client import BadFilter, GatewayClient
+from testkit.servers import DaphneProcess
 from tests.conftest import process_env
-from tests.servers import DaphneProcess
 from tests.stack import API_KEY, HMAC_SECRET
 
 pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]

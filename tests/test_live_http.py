@@ -15,8 +15,8 @@ import pytest
 
 from gateway_client import signing
 from jobs import serving
+from testkit.servers import LOOPBACK, DaphneProcess
 from tests.conftest import assert_error, process_env
-from tests.servers import LOOPBACK, DaphneProcess
 from tests.stack import STACK
 
 Sign = Callable[..., dict[str, str]]

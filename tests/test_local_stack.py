@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import REPO_ROOT, ManagedProcess, free_port, wait_for_http
+from testkit.servers import REPO_ROOT, ManagedProcess, free_port, wait_for_http
 
 pytestmark = [
     pytest.mark.processes,

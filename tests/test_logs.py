@@ -24,8 +24,8 @@ from jobs.logging import (
     redact_query,
     redact_text,
 )
+from testkit.servers import DaphneProcess
 from tests.conftest import process_env
-from tests.servers import DaphneProcess
 from tests.stack import API_KEY, HMAC_SECRET
 
 Sign = Callable[..., dict[str, str]]

@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
+from testkit.servers import DaphneProcess
 from tests.conftest import LiveGateway, process_env
-from tests.servers import DaphneProcess
 
 pytestmark = pytest.mark.processes
 

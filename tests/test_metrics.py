@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from gateway_client.signing import signed_headers
+from testkit.servers import DaphneProcess
 from tests.conftest import process_env
-from tests.servers import DaphneProcess
 from tests.stack import API_KEY, HMAC_SECRET
 
 Sign = Callable[..., dict[str, str]]

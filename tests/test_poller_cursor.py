@@ -18,7 +18,7 @@ from discord_poller.cursor import Cursor, snowflake_at, snowflake_ms
 from discord_poller.pacing import Pace, spread_delay
 from discord_poller.publisher import Publisher
 from discord_poller.runner import Poller
-from tests.fakes.discord import FakeDiscord
+from testkit.fakes.discord import FakeDiscord
 
 CHANNEL = "1390012345678901234"
 UA = discord_user_agent("https://example.com/job-gateway", "1.0")

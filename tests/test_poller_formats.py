@@ -17,7 +17,7 @@ import pytest_asyncio
 from discord_poller.client import DiscordClient, discord_user_agent
 from discord_poller.publisher import Publisher
 from discord_poller.runner import Poller
-from tests.fakes.discord import FakeDiscord
+from testkit.fakes.discord import FakeDiscord
 
 CHANNEL = "1390012345678901234"
 UA = discord_user_agent("https://example.com/job-gateway", "1.0")

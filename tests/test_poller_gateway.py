@@ -1,5 +1,5 @@
 """``runpoller`` in Gateway mode, one protocol path per test, through real
-processes: the fake Discord (REST and Gateway, ``python -m tests.fakes.discord``),
+processes: the fake Discord (REST and Gateway, ``python -m testkit.fakes.discord``),
 ``manage.py runpoller`` with ``DISCORD_MODE=gateway``, and daphne.
 
 The tests wait on what the fake records (``FakeGateway.wait_for``, a long poll
@@ -30,9 +30,9 @@ from discord_poller.publisher import Publisher
 from discord_poller.runner import Poller
 from gateway_client.signing import signed_headers
 from jobs.models import Job
+from testkit.fakes.discord import DEFAULT_TOKEN, FakeDiscord
+from testkit.servers import REPO_ROOT, ManagedProcess, _poll
 from tests.conftest import LiveGateway
-from tests.fakes.discord import DEFAULT_TOKEN, FakeDiscord
-from tests.servers import REPO_ROOT, ManagedProcess, _poll
 from tests.test_runpoller import (
     CHANNEL,
     COMMAND,

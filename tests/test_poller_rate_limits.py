@@ -23,7 +23,7 @@ import pytest
 from discord_poller.client import DiscordClient, Unauthorized, discord_user_agent
 from discord_poller.publisher import Publisher
 from discord_poller.runner import Poller
-from tests.fakes.discord import FakeDiscord
+from testkit.fakes.discord import FakeDiscord
 
 CHANNEL = "1390012345678901234"
 OTHER = "1390012345678901235"

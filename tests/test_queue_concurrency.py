@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import REPO_ROOT, PostgresServer
+from testkit.servers import REPO_ROOT, PostgresServer
 
 pytestmark = pytest.mark.processes
 

@@ -13,8 +13,8 @@ from pytest_django import Settings
 
 from jobs.auth import client_ip
 from jobs.models import Job
+from testkit.servers import DaphneProcess, free_port
 from tests.conftest import process_env
-from tests.servers import DaphneProcess, free_port
 from tests.stack import STACK
 
 Sign = Callable[..., dict[str, str]]

@@ -27,8 +27,8 @@ from gateway_project.asgi import application
 from jobs import auth
 from jobs.auth import REFUSAL_JITTER
 from jobs.consumers import HANDSHAKE_HOLD_CEILING
+from testkit.servers import DaphneProcess
 from tests.conftest import assert_error, process_env
-from tests.servers import DaphneProcess
 from tests.stack import API_KEY, HMAC_SECRET
 
 pytestmark = pytest.mark.usefixtures("empty_redis", "transactional_db")

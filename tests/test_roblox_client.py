@@ -28,9 +28,9 @@ import pytest
 
 from gateway_client import signing
 from gateway_client.signing import signed_headers, verify_request
+from testkit.servers import DaphneProcess
 from tests.conftest import process_env
 from tests.luau_vm import HttpCall, LuauVM
-from tests.servers import DaphneProcess
 from tests.stack import API_KEY, HMAC_SECRET
 
 LOOPBACK = "127.0.0.1"

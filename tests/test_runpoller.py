@@ -2,7 +2,7 @@
 ``--once``, a rejected token, and stopping on SIGTERM or SIGINT.
 
 The process tests run the fake Discord as a process of its own
-(``python -m tests.fakes.discord``) and the gateway as daphne (``live_gateway``).
+(``python -m testkit.fakes.discord``) and the gateway as daphne (``live_gateway``).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from django.core.management import CommandError, call_command
 from discord_poller.models import PollerStatus
 from gateway_client.signing import signed_headers
 from jobs.models import Job
+from testkit.fakes.discord import DEFAULT_TOKEN
+from testkit.servers import REPO_ROOT, ManagedProcess
 from tests.conftest import LiveGateway, process_env
-from tests.fakes.discord import DEFAULT_TOKEN
-from tests.servers import REPO_ROOT, ManagedProcess
 
 CHANNEL = "1390012345678901234"
 OTHER = "1390012345678901235"
@@ -70,9 +70,9 @@ class FakeDiscordProcess:
 
 
 def start_fake_discord(mode: str = "lenient") -> FakeDiscordProcess:
-    """Start ``python -m tests.fakes.discord``; the caller closes its process."""
+    """Start ``python -m testkit.fakes.discord``; the caller closes its process."""
     process = ManagedProcess(
-        [sys.executable, "-m", "tests.fakes.discord", "--port", "0", "--mode", mode],
+        [sys.executable, "-m", "testkit.fakes.discord", "--port", "0", "--mode", mode],
         cwd=REPO_ROOT,
         name="fake-discord",
         ready=lambda p: p.wait_for_output("READY", 20),

@@ -15,8 +15,8 @@ import psycopg
 import pytest
 import redis
 
-from tests import servers
-from tests.servers import (
+from testkit import servers
+from testkit.servers import (
     LOOPBACK,
     REPO_ROOT,
     DaphneProcess,
@@ -192,7 +192,7 @@ def test_daphne_process_starts_an_asgi_app(tmp_path: Path) -> None:
 @needs_redis
 def test_children_die_with_a_killed_parent() -> None:
     script = (
-        "from tests.servers import RedisServer; import time; "
+        "from testkit.servers import RedisServer; import time; "
         "server = RedisServer(); server.start(); "
         "print(server.port, server._temp_dir, server.process.log_path, flush=True); "
         "time.sleep(60)"

@@ -24,8 +24,8 @@ from discord_poller.cursor import snowflake_at
 from discord_poller.embeds import ParsedJob
 from discord_poller.publisher import PendingJob, Publisher
 from gateway_client import AuthError, GatewayClient, signing
+from testkit.servers import DaphneProcess
 from tests.conftest import process_env
-from tests.servers import DaphneProcess
 from tests.stack import API_KEY, HMAC_SECRET
 
 pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]

@@ -29,7 +29,7 @@ from gateway_project.asgi import application
 from jobs.auth import remember_nonce
 from jobs.models import Job
 from jobs.responses import ApiError
-from tests.servers import REPO_ROOT
+from testkit.servers import REPO_ROOT
 from tests.stack import API_KEY, HMAC_SECRET
 
 pytestmark = pytest.mark.usefixtures("empty_redis")

@@ -22,7 +22,7 @@ from pytest_django import Settings
 from gateway_client import GatewayClient, signing
 from gateway_project.asgi import application
 from jobs import redis_clients, tickets
-from tests.servers import free_port
+from testkit.servers import free_port
 from tests.stack import API_KEY, HMAC_SECRET, STACK
 
 pytestmark = pytest.mark.usefixtures("transactional_db")

@@ -26,8 +26,8 @@ from django.utils import timezone
 from gateway_client import GatewayClient
 from jobs.models import Job
 from jobs.queues import get_queue
+from testkit.servers import REPO_ROOT
 from tests.conftest import LiveGateway
-from tests.servers import REPO_ROOT
 from tests.stack import API_KEY, HMAC_SECRET
 
 pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]

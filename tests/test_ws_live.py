@@ -27,8 +27,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from gateway_client.signing import signed_headers
+from testkit.servers import LOOPBACK, REPO_ROOT, DaphneProcess, PostgresServer
 from tests.conftest import LiveGateway, process_env
-from tests.servers import LOOPBACK, REPO_ROOT, DaphneProcess, PostgresServer
 from tests.stack import API_KEY, HMAC_SECRET, STACK
 
 pytestmark = pytest.mark.processes

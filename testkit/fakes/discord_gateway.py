@@ -1,7 +1,7 @@
 """A fake Discord Gateway (v10, JSON encoding) beside the fake REST API.
 
-``tests.fakes.discord.build_app`` attaches it to the same aiohttp application,
-so one fake process (``python -m tests.fakes.discord``) serves both:
+``testkit.fakes.discord.build_app`` attaches it to the same aiohttp application,
+so one fake process (``python -m testkit.fakes.discord``) serves both:
 
 - ``GET /api/v10/gateway/bot``: the URL of this Gateway and a
   ``session_start_limit``, behind the REST fake's token check and rate limits;
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 from aiohttp import WSMsgType, web
 
 if TYPE_CHECKING:
-    from tests.fakes.discord import FakeDiscordState
+    from testkit.fakes.discord import FakeDiscordState
 
 __all__ = [
     "GUILD_ID",
@@ -238,7 +238,7 @@ class _Handlers:
     # --- REST ------------------------------------------------------------------
 
     async def gateway_bot(self, request: web.Request) -> web.Response:
-        from tests.fakes.discord import RequestRecord
+        from testkit.fakes.discord import RequestRecord
 
         rest = self.state.rest
         record = RequestRecord.of(request)

@@ -7,14 +7,14 @@ rate-limit headers, and it can be told to misbehave: 401, 403, 404, 5xx, 429s
 the test's event loop (``async with FakeDiscord() as fake``) or as a process
 steered over HTTP::
 
-    python -m tests.fakes.discord --port 0 --mode discord-like
+    python -m testkit.fakes.discord --port 0 --mode discord-like
 
 which prints ``READY <base url>`` once it listens. Control endpoints, under
 ``/_control/``: ``POST messages`` (``{channel_id, content, embeds}``: returns
 the message), ``POST behaviour`` (``{faults, limit, window, global_limit,
 token}``: each key given is replaced), ``GET requests?since=N``, ``DELETE
 requests`` and ``GET stats``. The same application serves a fake Gateway
-(``tests/fakes/discord_gateway.py``): ``GET /api/v10/gateway/bot`` points at it,
+(``testkit/fakes/discord_gateway.py``): ``GET /api/v10/gateway/bot`` points at it,
 and every message posted is dispatched there as ``MESSAGE_CREATE``.
 """
 
@@ -393,7 +393,7 @@ def build_app(state: FakeDiscordState) -> web.Application:
     app.router.add_delete("/_control/requests", api.control_requests)
     app.router.add_get("/_control/stats", api.control_stats)
     # Imported here: the Gateway fake builds on this module's state.
-    from tests.fakes.discord_gateway import attach_gateway
+    from testkit.fakes.discord_gateway import attach_gateway
 
     attach_gateway(app, state)
     return app
