@@ -16,8 +16,8 @@ from asgiref.sync import sync_to_async
 from axes.models import AccessAttempt
 from django.contrib.auth.models import User
 
+from testkit.servers import DaphneProcess
 from tests.conftest import process_env
-from tests.servers import DaphneProcess
 
 LOGIN = "/admin/login/"
 PASSWORD = "correct horse battery staple"
