@@ -299,6 +299,6 @@ async def test_a_request_cannot_forge_a_log_line(
             # in daphne's own lines, which write the URI as sent).
             assert re.search(r"(\\n|%0A)2026-01-01", line), repr(line)
     if log_format == "json":
-        for line in json_lines(output):
-            for value in line.values():
-                assert not _raw_controls(str(value)), line
+        for record in json_lines(output):
+            for value in record.values():
+                assert not _raw_controls(str(value)), record
