@@ -61,9 +61,10 @@ def routing_path(raw_path: bytes) -> str:
     for those paths. An encoded slash is part of a segment, never a separator
     (RFC 3986, 2.2): those paths are unknown, the API's 404.
     """
-    return "%2F".join(
-        unquote(part) for part in _ENCODED_SLASH.split(raw_path.decode("latin-1"))
-    )
+    text = raw_path.decode("latin-1")
+    if "%" not in text:
+        return text
+    return "%2F".join(unquote(part) for part in _ENCODED_SLASH.split(text))
 
 
 def body_limit(raw_path: bytes) -> int | None:
