@@ -111,8 +111,8 @@ def body_limit_problems() -> list[str]:
 
     It relies on the releases it was written for and, in them, on Twisted's
     channel calling the request's ``gotLength`` once the headers are in and
-    ``handleContentChunk`` for the body, keeping the request line's target in
-    ``_path``, calling ``requestReceived`` once the body is in, and parsing no
+    ``handleContentChunk`` for the body, keeping the request line's target and
+    method in ``_path`` and ``_command``, calling ``requestReceived`` once the body is in, and parsing no
     further once its connection is closing; and on daphne's request not
     overriding those three methods.
     """
@@ -126,7 +126,7 @@ def body_limit_problems() -> list[str]:
         if not _is_series(found := importlib.metadata.version(name), series)
     ]
     uses = [
-        (HTTPChannel, "lineReceived", ("_path",)),
+        (HTTPChannel, "lineReceived", ("_path", "_command")),
         (HTTPChannel, "allHeadersReceived", ("gotLength",)),
         (HTTPChannel, "_maybeChooseTransferDecoder", ("handleContentChunk",)),
         (HTTPChannel, "allContentReceived", ("requestReceived", "_path")),
