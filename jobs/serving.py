@@ -111,10 +111,10 @@ def body_limit_problems() -> list[str]:
 
     It relies on the releases it was written for and, in them, on Twisted's
     channel calling the request's ``gotLength`` once the headers are in and
-    ``handleContentChunk`` for the body, keeping the request line's target and
-    method in ``_path`` and ``_command``, calling ``requestReceived`` once the body is in, and parsing no
-    further once its connection is closing; and on daphne's request not
-    overriding those three methods.
+    ``handleContentChunk`` for the body, keeping the request line's target
+    and method in ``_path`` and ``_command``, calling ``requestReceived`` once
+    the body is in, and parsing no further once its connection is closing;
+    and on daphne's request not overriding those three methods.
     """
     from daphne.http_protocol import WebRequest
     from twisted.protocols.basic import LineReceiver
