@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import sys
 from typing import Any
+from urllib.parse import unquote
 
 from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import ImproperlyConfigured
+
+from jobs.serving import (
+    ServerPatchError,
+    leave_form_bodies_to_the_application,
+    offer_prepared_frames,
+    refuse_large_bodies_unread,
+    send_responses_at_once,
+    write_frames_at_once,
+)
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway_project.settings")
 
@@ -36,6 +47,46 @@ def missing_secrets() -> list[str]:
 if _missing := missing_secrets():
     sys.exit(f"Refusing to serve: {', '.join(_missing)} not set.")
 
+Scope = dict[str, Any]
+
+_FULL_STACK_PREFIXES = ("/admin/", "/" + settings.STATIC_URL.lstrip("/"))
+_ENCODED_SLASH = re.compile(r"%2f", re.IGNORECASE)
+
+
+def routing_path(raw_path: bytes) -> str:
+    """The path a request is routed by: decoded, except that ``%2F`` stays.
+
+    daphne decodes the whole path, so ``/job%2fnext`` would be served as
+    ``/job/next`` and ``/admin%2f`` as the admin, past any proxy rule written
+    for those paths. An encoded slash is part of a segment, never a separator
+    (RFC 3986, 2.2): those paths are unknown, the API's 404.
+    """
+    text = raw_path.decode("latin-1")
+    if "%" not in text:
+        return text
+    return "%2F".join(unquote(part) for part in _ENCODED_SLASH.split(text))
+
+
+def body_limit(raw_path: bytes) -> int | None:
+    """The largest request body a path takes (docs/security.md, "Request bodies").
+
+    The signed API takes no body over ``MAX_JOB_BYTES``; the admin's forms
+    are bounded by Django's own ``DATA_UPLOAD_MAX_MEMORY_SIZE``.
+    """
+    if routing_path(raw_path).startswith(_FULL_STACK_PREFIXES):
+        limit: int | None = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        return limit
+    return int(settings.MAX_JOB_BYTES)
+
+
+# A body over its limit is refused before it is read. A protection: on a
+# daphne or Twisted it was not written for, refuse to serve, in one line and
+# before Django's set-up, rather than serve unprotected.
+try:
+    refuse_large_bodies_unread(body_limit)
+except ServerPatchError as exc:
+    sys.exit(f"Refusing to serve: {exc}.")
+
 # Django is set up next: consumers import models.
 django_application = get_asgi_application()
 
@@ -48,12 +99,6 @@ from jobs.logging import (  # noqa: E402
     defer_autobahn_debug_formatting,
     drop_twisted_request_log,
     redact_daphne_access_log,
-)
-from jobs.serving import (  # noqa: E402
-    leave_form_bodies_to_the_application,
-    offer_prepared_frames,
-    send_responses_at_once,
-    write_frames_at_once,
 )
 
 # daphne's own access log writes whole URIs, api_key included: redact it here,
@@ -70,13 +115,12 @@ write_frames_at_once()
 send_responses_at_once()
 offer_prepared_frames()
 
-Scope = dict[str, Any]
-
-_FULL_STACK_PREFIXES = ("/admin/", "/" + settings.STATIC_URL.lstrip("/"))
-
 
 def _http_router(api: Any, full_stack: Any) -> Any:
     async def route(scope: Scope, receive: Any, send: Any) -> None:
+        raw_path = scope.get("raw_path")
+        if raw_path and b"%" in raw_path and b"%2f" in raw_path.lower():
+            scope = {**scope, "path": routing_path(raw_path)}
         if scope["path"].startswith(_FULL_STACK_PREFIXES):
             await full_stack(scope, receive, send)
         else:

@@ -11,7 +11,7 @@ from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponseBase
-from django.urls import set_script_prefix, set_urlconf
+from django.urls import Resolver404, ResolverMatch, set_script_prefix, set_urlconf
 from django.utils.module_loading import import_string
 
 
@@ -88,6 +88,23 @@ class ApiHandler(ASGIHandler):
         response: HttpResponseBase = await self._middleware_chain(request)  # type: ignore[misc]
         response._resource_closers.append(request.close)  # type: ignore[attr-defined]
         return response
+
+    def resolve_request(self, request: HttpRequest) -> ResolverMatch:
+        """Django's, except that a path no URL pattern can match is the API's 404.
+
+        The URLconf's catch-all answers every path it can match in JSON, but
+        a path that is not a URL path at all (``OPTIONS *``) or holds a
+        newline (``%0a``) matches no pattern, and Django answered those with
+        its own HTML 404 page.
+        """
+        from jobs.views import not_found
+
+        try:
+            return super().resolve_request(request)
+        except Resolver404:
+            match = ResolverMatch(not_found, (), {})
+            request.resolver_match = match
+            return match
 
     async def _respond(self, request: HttpRequest, send: Any) -> None:
         response: HttpResponseBase = await self.run_get_response(request)

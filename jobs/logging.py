@@ -1,4 +1,5 @@
-"""Log lines: JSON or plain, request and job ids, and access lines without secrets.
+"""Log lines: JSON or plain, request and job ids, access lines without secrets,
+and nothing a request sent written raw.
 
 Django-free on purpose: ``LOGGING`` names the formatters here, so this module is
 imported while the settings are being read.
@@ -33,6 +34,41 @@ _SECRET_IN_URI = re.compile(
 )
 
 access_logger = logging.getLogger("gateway.access")
+
+
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escaped(text: str) -> str:
+    """``text`` with every character that is not printable written as an escape.
+
+    Newlines, carriage returns, NULs, ANSI escape sequences, Unicode line
+    separators and direction overrides from a request (a ``%0a`` in a path, a
+    header, a job's title) would otherwise start a forged log line, or redraw
+    the terminal that shows the log. They are written ``\\n``, ``\\r``,
+    ``\\t``, ``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``; a backslash is left
+    as it is. Printable text, nearly every line, is returned untouched.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape(char) for char in text)
+
+
+def _escape(char: str) -> str:
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def escaped_lines(text: str) -> str:
+    """A traceback's text with its lines kept, each line ``escaped``."""
+    return "\n".join(escaped(line) for line in text.split("\n"))
 
 
 def new_request_id(offered: str | None) -> str:
@@ -126,7 +162,8 @@ def redact_daphne_access_log() -> None:
     """Make daphne's own access log redact credentials in the URIs it writes.
 
     daphne writes the full URI, query string included, at its default
-    verbosity. Wrapping its one writing method here covers every command line
+    verbosity, straight to its stream, past the formatters: its lines are
+    ``escaped`` here too. Wrapping its one writing method here covers every command line
     that serves this application, whatever ``--access-log`` says.
     """
     from daphne.access import AccessLogGenerator
@@ -138,7 +175,7 @@ def redact_daphne_access_log() -> None:
     def write_entry(
         self: AccessLogGenerator, host: str, date: datetime, request: str, **kw: Any
     ) -> None:
-        original(self, host, date, redact_text(request), **kw)
+        original(self, escaped(str(host)), date, escaped(redact_text(request)), **kw)
 
     write_entry.redacts = True  # type: ignore[attr-defined]
     AccessLogGenerator.write_entry = write_entry
@@ -229,7 +266,11 @@ class ContextFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, ids when known."""
+    """One JSON object per line: time, level, logger, message, ids when known.
+
+    JSON escapes control characters itself; values are ``escaped`` first all
+    the same, so that a line, once decoded, holds none either.
+    """
 
     # Extra fields that access lines (and any other caller) may add.
     EXTRA = ("http_method", "path", "status", "duration_ms", "client_ip", "refused")
@@ -241,27 +282,44 @@ class JsonFormatter(logging.Formatter):
             ),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": escaped(record.getMessage()),
         }
         for key in ("request_id", "job_id", *self.EXTRA):
             value = getattr(record, key, None)
             if value is not None:
-                line[key] = value
+                line[key] = escaped(value) if isinstance(value, str) else value
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
+            line["exception"] = escaped_lines(self.formatException(record.exc_info))
+        if record.stack_info:
+            line["stack"] = escaped_lines(self.formatStack(record.stack_info))
         return json.dumps(line, default=str)
 
 
 class PlainFormatter(logging.Formatter):
-    """``time level logger message`` plus ``request_id=``/``job_id=`` when known."""
+    """``time level logger message`` plus ``request_id=``/``job_id=`` when known.
+
+    One line per record, its message ``escaped``; a traceback follows on lines
+    of its own, each indented, so that no line a request wrote into an
+    exception's message can pass for a record.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = escaped(record.message)
+        return f"{record.asctime} {record.levelname} {record.name} {message}"
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(escaped_lines(super().formatException(ei)))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(escaped_lines(super().formatStack(stack_info)))
+
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
         ids = [
-            f"{key}={value}"
+            f"{key}={escaped(str(value))}"
             for key in ("request_id", "job_id")
             if (value := getattr(record, key, None)) is not None
         ]
@@ -270,3 +328,7 @@ class PlainFormatter(logging.Formatter):
         # After the first line, so a traceback stays readable.
         first, sep, rest = text.partition("\n")
         return f"{first} {' '.join(ids)}{sep}{rest}"
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + line for line in text.split("\n"))

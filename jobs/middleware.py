@@ -52,6 +52,8 @@ class ApiMiddleware:
                 client=request_ip(request),
             )
         response["X-Request-ID"] = rid
+        # Every answer says what it is; no browser is to guess another type.
+        response["X-Content-Type-Options"] = "nosniff"
         if not response.streaming and response.status_code not in _NO_BODY:
             # As Django's CommonMiddleware does: without it, daphne sends
             # every answer chunked.

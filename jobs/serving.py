@@ -1,16 +1,206 @@
 """What the gateway changes in how daphne serves it (applied by the ASGI module).
 
-Form bodies are left to the application; WebSocket frames and HTTP responses
-are sent at once; a job's frame is framed once for all of a process's clients.
-(The logging changes, redacted access lines, no Twisted request log and lazy
+Bodies over their limit are refused before they are read; form bodies are left
+to the application; WebSocket frames and HTTP responses are sent at once; a
+job's frame is framed once for all of a process's clients. (The logging
+changes, redacted and escaped access lines, no Twisted request log and lazy
 autobahn debug arguments, are in ``jobs.logging``.)
 """
 
 from __future__ import annotations
 
+import contextvars
 import functools
-from collections.abc import Callable
+import importlib.metadata
+import io
+import json
+import time
+from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import unquote
+
+
+class ServerPatchError(RuntimeError):
+    """A protection cannot be applied to the server installed: do not serve."""
+
+
+# The releases the body limit was written for and checked against (major.minor).
+# On any other, the server refuses to start: a protection is never left out
+# quietly. Check the internals ``body_limit_problems`` names, then add the
+# release here.
+BODY_LIMIT_WRITTEN_FOR: dict[str, tuple[str, ...]] = {
+    "daphne": ("4.2",),
+    "Twisted": ("26.10",),
+}
+
+
+def refuse_large_bodies_unread(limit_for: Callable[[bytes], int | None]) -> None:
+    """Answer a body over its limit with 413 ``too_large`` without reading it.
+
+    Twisted reads a request's whole body, into a temporary file past 100 kB,
+    before daphne hands the request to the application: an unsigned 100 MB
+    ``POST /job`` cost the disk, memory and CPU of reading 100 MB only to be
+    refused. ``limit_for(raw_path)`` gives the largest body a path takes
+    (``None``: no limit). Twisted's channel tells the request the body's length
+    once the headers are in (``gotLength``) and hands it the body as it comes
+    (``handleContentChunk``): a ``Content-Length`` over the limit is refused
+    there, before a byte of the body is read, and a chunked body the moment it
+    passes the limit. The refusal is a complete JSON answer written to the
+    connection, which then closes: Twisted stops reading at once, what the
+    client goes on sending is never read, and the request never reaches the
+    application. Raises ``ServerPatchError`` where it cannot be applied.
+    """
+    from daphne.http_protocol import WebRequest
+
+    original_length = WebRequest.gotLength
+    if getattr(original_length, "limits_bodies", False):
+        return
+    if problems := body_limit_problems():
+        raise ServerPatchError(
+            "the request body limit cannot be applied: " + "; ".join(problems)
+        )
+    original_chunk = WebRequest.handleContentChunk
+    original_received = WebRequest.requestReceived
+
+    def gotLength(self: WebRequest, length: int | None) -> None:
+        raw_path = self.channel._path.partition(b"?")[0]
+        limit = self.body_limit = limit_for(raw_path)
+        self.body_started = time.monotonic()
+        if limit is not None and length is not None and length > limit:
+            self.content = io.BytesIO()
+            _refuse(self, limit)
+            return
+        # Counted only when no length is declared (chunked): Twisted hands on
+        # no more than a declared length.
+        self.body_left = limit if length is None else None
+        # A chunked body is at most the limit, so it is kept as a body of that
+        # length is: in memory under 100 kB, not in a temporary file.
+        original_length(self, limit if length is None else length)
+
+    def handleContentChunk(self: WebRequest, data: bytes) -> None:
+        if self.refused_unread:
+            return  # the connection is closing
+        left = self.body_left
+        if left is not None:
+            left = self.body_left = left - len(data)
+            if left < 0:
+                _refuse(self, self.body_limit)
+                return
+        original_chunk(self, data)
+
+    def requestReceived(
+        self: WebRequest, command: bytes, path: bytes, version: bytes
+    ) -> None:
+        if self.refused_unread:
+            return  # answered already: the application never sees it
+        original_received(self, command, path, version)
+
+    for patched in (gotLength, handleContentChunk, requestReceived):
+        patched.limits_bodies = True  # type: ignore[union-attr]
+    WebRequest.body_started = 0.0
+    WebRequest.body_limit = None
+    WebRequest.body_left = None
+    WebRequest.refused_unread = False
+    WebRequest.gotLength = gotLength
+    WebRequest.handleContentChunk = handleContentChunk
+    WebRequest.requestReceived = requestReceived
+
+
+def body_limit_problems() -> list[str]:
+    """Why ``refuse_large_bodies_unread`` cannot be applied here; empty if it can.
+
+    It relies on the releases it was written for and, in them, on Twisted's
+    channel calling the request's ``gotLength`` once the headers are in and
+    ``handleContentChunk`` for the body, keeping the request line's target
+    and method in ``_path`` and ``_command``, calling ``requestReceived`` once
+    the body is in, and parsing no further once its connection is closing;
+    and on daphne's request not overriding those three methods.
+    """
+    from daphne.http_protocol import WebRequest
+    from twisted.protocols.basic import LineReceiver
+    from twisted.web.http import HTTPChannel, Request
+
+    problems = [
+        f"{name} {found} (written for {' or '.join(series)})"
+        for name, series in BODY_LIMIT_WRITTEN_FOR.items()
+        if not _is_series(found := importlib.metadata.version(name), series)
+    ]
+    uses = [
+        (HTTPChannel, "lineReceived", ("_path", "_command")),
+        (HTTPChannel, "allHeadersReceived", ("gotLength",)),
+        (HTTPChannel, "_maybeChooseTransferDecoder", ("handleContentChunk",)),
+        (HTTPChannel, "allContentReceived", ("requestReceived", "_path")),
+        (LineReceiver, "dataReceived", ("disconnecting",)),
+    ]
+    for owner, method, names in uses:
+        used = _names_used(getattr(owner, method, None))
+        if missing := [name for name in names if name not in used]:
+            problems.append(f"{owner.__name__}.{method} no longer uses {missing}")
+    for name in ("gotLength", "handleContentChunk", "requestReceived"):
+        if not hasattr(Request, name):
+            problems.append(f"Twisted's Request has no {name}")
+        own = vars(WebRequest).get(name)
+        if own is not None and not getattr(own, "limits_bodies", False):
+            problems.append(f"daphne's WebRequest overrides {name}")
+    return problems
+
+
+def _is_series(version: str, series: Iterable[str]) -> bool:
+    return any(version == one or version.startswith(one + ".") for one in series)
+
+
+def _names_used(function: Any) -> tuple[str, ...]:
+    """The global and attribute names a function's code refers to."""
+    code = getattr(function, "__code__", None)
+    names: tuple[str, ...] = code.co_names if code is not None else ()
+    return names
+
+
+def _refuse(request: Any, limit: int | None) -> None:
+    """Answer 413 on ``request``'s connection and close it, reading no more."""
+    from jobs import logging as logs
+
+    request.refused_unread = True
+    # Twisted would answer "Expect: 100-continue" right after this refusal.
+    request.requestHeaders.removeHeader(b"Expect")
+    channel = request.channel
+    offered = request.requestHeaders.getRawHeaders(b"X-Request-ID", [b""])[0]
+    rid = logs.new_request_id(offered.decode("latin-1"))
+    body = json.dumps(
+        {"error": "too_large", "detail": f"The body is over {limit} bytes."},
+        separators=(",", ":"),
+    ).encode()
+    channel.transport.write(
+        b"HTTP/1.1 413 Content Too Large\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"X-Content-Type-Options: nosniff\r\n"
+        b"X-Request-ID: %s\r\n"
+        b"Connection: close\r\n\r\n%s" % (len(body), rid.encode(), body)
+    )
+    channel.loseConnection()
+    # In a context of its own: the connection's callbacks share one context,
+    # which must not keep this request's id.
+    contextvars.Context().run(_log_refusal, request, rid)
+
+
+def _log_refusal(request: Any, rid: str) -> None:
+    from jobs import logging as logs
+    from jobs.auth import client_ip
+
+    logs.request_id.set(rid)
+    target = request.channel._path.decode("latin-1")
+    path, _, query = target.partition("?")
+    peer = request.channel.getPeer()
+    forwarded = b",".join(request.requestHeaders.getRawHeaders(b"X-Forwarded-For", []))
+    logs.access(
+        method=request.channel._command.decode("latin-1"),
+        path=unquote(path),
+        query=query,
+        status=413,
+        started=request.body_started,
+        client=client_ip(getattr(peer, "host", None), forwarded.decode("latin-1")),
+    )
 
 
 def leave_form_bodies_to_the_application() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pprint
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,13 +14,14 @@ import pytest
 from autobahn.twisted import websocket as autobahn_adapter
 from autobahn.websocket import protocol as autobahn_protocol
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway_client.signing import signed_headers
 from jobs.logging import (
     ContextFilter,
     JsonFormatter,
     defer_autobahn_debug_formatting,
+    escaped,
     new_request_id,
     redact_query,
     redact_text,
@@ -221,3 +223,82 @@ def test_autobahn_formats_its_debug_lines_only_when_written() -> None:
     timings.track("opened")
     assert isinstance(str(timings), str)
     assert "opened" in str(timings)
+
+
+# --- Nothing a request sends is written raw -------------------------------------
+
+FORGED = "2026-01-01 00:00:00,000 INFO gateway.access POST /job 201 FORGED"
+# Percent-encoded in a URL: a newline, a carriage return, a NUL, an ANSI colour.
+HOSTILE = "%0A" + FORGED.replace(" ", "%20") + "%0D%00%1B%5B31m%E2%80%A8"
+HOSTILE_TEXT = "\n" + FORGED + "\r\x00\x1b[31m\u2028\x7f\x9b"
+
+
+def test_escaped_writes_control_characters_as_escapes() -> None:
+    assert escaped("/job/next?wait=5 é ✓") == "/job/next?wait=5 é ✓"
+    assert escaped("a\nb\rc\td\x00e\x1b[0m\x7f\x9b\u2028\u202e\U000e0001") == (
+        "a\\nb\\rc\\td\\x00e\\x1b[0m\\x7f\\x9b\\u2028\\u202e\\U000e0001"
+    )
+
+
+def _raw_controls(text: str) -> list[str]:
+    """Characters in ``text`` that are neither printable nor a line break."""
+    return [char for char in text if not char.isprintable() and char != "\n"]
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("log_format", ["text", "json"])
+async def test_a_request_cannot_forge_a_log_line(
+    transactional_db: None, log_format: str
+) -> None:
+    env = process_env(LOG_FORMAT=log_format, LOG_LEVEL="DEBUG")
+    with DaphneProcess(env=env) as daphne:
+        async with httpx.AsyncClient(base_url=daphne.base_url, trust_env=False) as http:
+            targets = [
+                f"/job{HOSTILE}",  # an unknown path: 404
+                f"/health{HOSTILE}?q=1",
+                f"/job/next?wait={HOSTILE}&x{HOSTILE}=1",  # a query: 401
+                f"/healthz?{HOSTILE}",
+            ]
+            for target in targets:
+                answer = await http.get(
+                    target, headers={"X-Request-ID": "\x1b[31mred\x1b[0m"}
+                )
+                assert answer.status_code in (200, 401, 404), target
+            headers = signed_headers(API_KEY, HMAC_SECRET)
+            text = HOSTILE_TEXT.replace("\x00", "")  # a job's text takes no NUL
+            job = {"job_id": "forge-1", "title": text, "fields": {text: text}}
+            posted = await http.post(
+                f"/job?note={HOSTILE}",
+                json=job,
+                headers={**headers, "X-Request-ID": "forge-post"},
+            )
+            assert posted.status_code == 201, posted.text
+            refused = await http.post(
+                "/job", json={**job, "job_id": HOSTILE_TEXT}, headers=headers
+            )
+            assert refused.status_code == 400
+        # A refused handshake (its query in the gateway's line), and one to an
+        # unknown path (Channels' routing error, a traceback, in the log).
+        for target in (f"/ws?since={HOSTILE}&api_key=wrong", f"/ws{HOSTILE}"):
+            with pytest.raises((InvalidStatus, ConnectionClosed)):
+                async with connect(
+                    daphne.ws_url + target, proxy=None, open_timeout=5
+                ) as ws:
+                    await ws.recv()
+        daphne.wait_for_output("forge-post")
+        daphne.wait_for_output("WSDISCONNECT /ws%0A")  # daphne's, the last line
+        output = daphne.output()
+    lines = output.split("\n")
+    # Every request above was logged, and not one line was forged.
+    assert sum("FORGED" in line for line in lines) >= 7
+    for line in lines:
+        assert not _raw_controls(line), repr(line)
+        assert not line.startswith(FORGED[:10]), repr(line)
+        if "FORGED" in line:
+            # Only ever right after the newline, escaped (or still encoded,
+            # in daphne's own lines, which write the URI as sent).
+            assert re.search(r"(\\n|%0A)2026-01-01", line), repr(line)
+    if log_format == "json":
+        for record in json_lines(output):
+            for value in record.values():
+                assert not _raw_controls(str(value)), record
