@@ -1,7 +1,7 @@
 """The Job Gateway's reference Python client. Django-free.
 
-``from gateway_client import GatewayClient`` for the API; ``python -m
-gateway_client`` runs the worker. The gateway itself imports only
+``from gateway_client import GatewayClient`` for the API; ``gateway-client``
+(or ``python -m gateway_client``) runs the worker. The gateway itself imports only
 ``gateway_client.signing``, so the client's modules (httpx, websockets) load
 on first use rather than with the package.
 """
@@ -11,12 +11,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# The package's version (gateway_client/pyproject.toml reads it from here).
+__version__ = "1.0.0"
+
 if TYPE_CHECKING:
     from gateway_client.client import GatewayClient, PublishResult
     from gateway_client.errors import (
         AuthError,
         BadFilter,
         BadRequest,
+        CredentialError,
         GatewayError,
         GatewayUnreachable,
         RateLimited,
@@ -30,6 +34,7 @@ _EXPORTS = {
     "AuthError": "gateway_client.errors",
     "BadFilter": "gateway_client.errors",
     "BadRequest": "gateway_client.errors",
+    "CredentialError": "gateway_client.errors",
     "GatewayError": "gateway_client.errors",
     "GatewayUnreachable": "gateway_client.errors",
     "RateLimited": "gateway_client.errors",
@@ -41,6 +46,7 @@ __all__ = [
     "AuthError",
     "BadFilter",
     "BadRequest",
+    "CredentialError",
     "GatewayClient",
     "GatewayError",
     "GatewayUnreachable",

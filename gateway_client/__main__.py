@@ -1,4 +1,5 @@
-"""``python -m gateway_client``: the worker (see docs/python-client.md)."""
+"""The worker's command line: ``gateway-client``, or ``python -m gateway_client``
+(see docs/python-client.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+from gateway_client import __version__
 from gateway_client.config import ConfigError, WorkerConfig
 from gateway_client.filters import JobFilter
 from gateway_client.worker import run
@@ -21,7 +24,7 @@ EXIT_USAGE = 2
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line; settings come from the environment."""
     parser = argparse.ArgumentParser(
-        prog="python -m gateway_client",
+        prog=_program_name(),
         description=(
             "Print the gateway's jobs, one JSON line each. Settings come from "
             "BASE_URL, API_KEY, HMAC_SECRET, CONCURRENCY, TIMEOUT, "
@@ -29,6 +32,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             "filter, WHERE (clauses separated by ;), CHANNELS and TIER; the "
             "filter options below replace those."
         ),
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}"
     )
     parser.add_argument(
         "--ws",
@@ -59,6 +65,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not args.ws and args.since is not None:
         parser.error("--since needs --ws")
     return args
+
+
+def _program_name() -> str:
+    # The name it was started by: the console script, or python -m.
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if not name or name in ("__main__.py", "-c"):
+        return "python -m gateway_client"
+    return name
 
 
 def _clause(value: str) -> str:

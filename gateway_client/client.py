@@ -14,6 +14,7 @@ import httpx
 from gateway_client.backoff import Backoff
 from gateway_client.errors import (
     BadRequest,
+    CredentialError,
     GatewayError,
     GatewayUnreachable,
     error_from_response,
@@ -38,12 +39,28 @@ class PublishResult:
 
 
 def first_credential(value: str | Sequence[str], name: str) -> str:
-    """The value to sign with: the first of a comma-separated (rotating) list."""
+    """The value to sign with: the first of a comma-separated (rotating) list.
+
+    Raises ``CredentialError`` when there is none, or when it is not printable
+    ASCII: the key travels in an HTTP header, which cannot carry anything else,
+    and the gateway's ``API_KEY`` and ``HMAC_SECRET`` are ASCII too.
+    """
     items = value.split(",") if isinstance(value, str) else list(value)
     for item in items:
         if item.strip():
-            return item.strip()
-    raise ValueError(f"{name} is empty")
+            return _printable_ascii(item.strip(), name)
+    raise CredentialError(f"{name} is empty")
+
+
+def _printable_ascii(value: str, name: str) -> str:
+    for position, char in enumerate(value, 1):
+        if not " " <= char <= "~":
+            # The position, never the character: the value is a secret.
+            raise CredentialError(
+                f"{name} must be printable ASCII, as the gateway's own is, but "
+                f"character {position} is not (a placeholder such as '…' left in?)"
+            )
+    return value
 
 
 SignatureVersion = Literal[1, 2]

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from gateway_client.client import DEFAULT_BASE_URL
+from gateway_client.client import DEFAULT_BASE_URL, first_credential
+from gateway_client.errors import CredentialError
 from gateway_client.filters import NO_FILTER, JobFilter
 
 # The gateway holds a long-poll at most 30 s; 25 stays clear of proxies that
@@ -95,11 +96,13 @@ def _base_url(env: Mapping[str, str]) -> str:
 def _credential(env: Mapping[str, str], name: str) -> str:
     value = _raw(env, name)
     # The first of a comma-separated list signs, as the gateway's rotation expects.
-    first = next((v.strip() for v in (value or "").split(",") if v.strip()), None)
-    if first is None:
+    if value is None or not value.replace(",", "").strip():
         # Never echo the value: it is a secret.
         raise ConfigError(f"{name} is required (the gateway's {name})")
-    return first
+    try:
+        return first_credential(value, name)
+    except CredentialError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _integer(

@@ -13,6 +13,15 @@ import httpx
 _MAX_DETAIL = 300
 
 
+class CredentialError(ValueError):
+    """An API key or HMAC secret the client cannot sign with: empty, or not
+    printable ASCII (a placeholder such as ``"…"`` left in).
+
+    Raised before any request. The message names the argument or variable,
+    never its value.
+    """
+
+
 class GatewayError(Exception):
     """The gateway refused or failed a request.
 

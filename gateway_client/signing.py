@@ -336,6 +336,10 @@ def curl_arguments(
     secret = env.get("HMAC_SECRET", "").split(",")[0].strip()
     if not api_key or not secret:
         parser.error("API_KEY and HMAC_SECRET must be set")
+    for name, value in (("API_KEY", api_key), ("HMAC_SECRET", secret)):
+        # A header cannot carry anything else; never print the value itself.
+        if not (value.isascii() and value.isprintable()):
+            parser.error(f"{name} must be printable ASCII (a placeholder left in?)")
     if args.v1 or args.method is None:
         headers = signed_headers(api_key, secret, now=now)
     else:

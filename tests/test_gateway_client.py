@@ -21,6 +21,7 @@ from gateway_client import (
     AuthError,
     BadFilter,
     BadRequest,
+    CredentialError,
     GatewayClient,
     GatewayError,
     GatewayUnreachable,
@@ -411,6 +412,33 @@ def test_bad_arguments_fail_at_once(kwargs: dict[str, Any], named: str) -> None:
     }
     with pytest.raises(ValueError, match=named):
         GatewayClient(options.pop("base_url"), **options)
+
+
+@pytest.mark.parametrize("argument", ["api_key", "hmac_secret"])
+@pytest.mark.parametrize(
+    ("value", "position"),
+    [("\u2026", 1), ("key-\u00e9t\u00e9", 5), ("new\nline", 4), (["o\tk", "k"], 2)],
+)
+async def test_a_credential_that_is_not_printable_ascii_is_refused_before_any_request(
+    argument: str, value: Any, position: int
+) -> None:
+    """The docs' old placeholder ("…") died in httpx with a UnicodeEncodeError."""
+    credentials: dict[str, Any] = {"api_key": "k", "hmac_secret": "s", argument: value}
+    with pytest.raises(CredentialError) as caught:
+        GatewayClient("http://127.0.0.1:8000", **credentials)
+    message = str(caught.value)
+    assert message.startswith(f"{argument} must be printable ASCII")
+    assert f"character {position} is not" in message
+    assert "\u00e9" not in message and "key-" not in message and "line" not in message
+    assert isinstance(caught.value, ValueError)  # as every other bad argument
+
+
+def test_only_the_signing_credential_must_be_ascii() -> None:
+    # Of a rotating list the first signs; the others are the gateway's business.
+    client = GatewayClient(
+        "http://127.0.0.1:8000", api_key="new, \u2026", hmac_secret=["s", "\u00e9"]
+    )
+    assert client._signer.headers("GET", "/health")["X-API-KEY"] == "new"
 
 
 def test_ws_url_follows_the_base_url() -> None:

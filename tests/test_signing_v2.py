@@ -273,6 +273,18 @@ def test_cli_signs_v1_without_arguments_and_v2_with_them(tmp_path: Path) -> None
     assert "X-NONCE" not in forced
 
 
+@pytest.mark.parametrize("name", ["API_KEY", "HMAC_SECRET"])
+def test_cli_refuses_a_credential_that_is_not_printable_ascii(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = {"API_KEY": "k", "HMAC_SECRET": "s", name: "\u2026-hidden"}
+    with pytest.raises(SystemExit) as caught:
+        signing.curl_arguments(["GET", "/health"], env)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2
+    assert f"{name} must be printable ASCII" in err and "hidden" not in err
+
+
 def test_cli_runs_as_a_module_and_reads_the_body_from_stdin() -> None:
     env = {"API_KEY": "k", "HMAC_SECRET": "s", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(

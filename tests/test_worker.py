@@ -110,6 +110,18 @@ def test_credentials_are_required(name: str, value: str | None) -> None:
         WorkerConfig.from_env(env)
 
 
+@pytest.mark.parametrize("name", ["API_KEY", "HMAC_SECRET"])
+def test_a_non_ascii_credential_is_one_line_naming_the_variable(
+    name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main([], env={**ENV, name: "\u2026tail-\u00e9t\u00e9"})
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1
+    assert f"{name} must be printable ASCII" in err and "character 1" in err
+    assert "tail" not in err  # the value is a secret, even a wrong one
+
+
 def test_the_filter_is_read_from_the_environment() -> None:
     env = {
         **ENV,
