@@ -361,7 +361,7 @@ def seed_hour(now: datetime) -> None:
             pushed = n % 3 != 0 and latency != OUTLIER_MS
             jobs.append(
                 Job(
-                    job_id=str(uuid.UUID(int=minutes_ago * 100 + n)),
+                    job_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{minutes_ago}/{n}")),
                     channel="1390012345678901234",
                     source="discord",
                     created_at=created,
