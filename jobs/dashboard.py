@@ -8,10 +8,10 @@ does. See docs/dashboard.md for what each number means.
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -43,6 +43,13 @@ LATEST_JOBS = 20
 CHARTS_MAX_AGE_SECONDS = 5.0
 # The latency series reads at most this many of the hour's newest deliveries.
 LATENCY_SAMPLES = 20_000
+# The latency chart's series: the quantile of each minute's latencies they show.
+LATENCY_SERIES = {
+    "latency_p50_ms": 0.5,
+    "latency_p90_ms": 0.9,
+    "latency_p99_ms": 0.99,
+    "latency_max_ms": 1.0,
+}
 # The poller reports about once a second; older than this, it is not running.
 POLLER_STALE_SECONDS = 10.0
 
@@ -117,7 +124,7 @@ def forget() -> None:
 
 
 def compute_charts(now: datetime) -> dict[str, Any]:
-    """Jobs published, and delivery latency p50/max, per minute of publishing.
+    """Jobs published, and delivery latency percentiles, per minute of publishing.
 
     ``minutes`` are the minutes' starts in unix seconds, oldest first; a minute
     with no delivered job has ``null`` latencies.
@@ -140,18 +147,30 @@ def compute_charts(now: datetime) -> dict[str, Any]:
     for created_at, delivered_at in delivered:
         assert delivered_at is not None  # filtered above; for the type checker
         latencies[_minute(created_at)].append(_latency_ms(created_at, delivered_at))
-    p50: list[float | None] = []
-    worst: list[float | None] = []
+    series: dict[str, list[float | None]] = {name: [] for name in LATENCY_SERIES}
     for minute in minutes:
-        values = latencies.get(minute)
-        p50.append(round(statistics.median(values), 1) if values else None)
-        worst.append(round(max(values), 1) if values else None)
+        values = sorted(latencies.get(minute, ()))
+        for name, fraction in LATENCY_SERIES.items():
+            series[name].append(
+                round(percentile(values, fraction), 1) if values else None
+            )
     return {
         "minutes": [int(minute.timestamp()) for minute in minutes],
         "published": [published.get(minute, 0) for minute in minutes],
-        "latency_p50_ms": p50,
-        "latency_max_ms": worst,
+        **series,
     }
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    """The ``fraction`` quantile of sorted values, between the nearest two.
+
+    Linear between neighbours, so that p50 is the median, and exact at the
+    ends: p0 is the smallest value and p100 the largest.
+    """
+    position = (len(ordered) - 1) * fraction
+    below = int(position)
+    above = min(below + 1, len(ordered) - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
 
 
 def _minute(moment: datetime) -> datetime:
@@ -190,9 +209,17 @@ def poller() -> dict[str, Any] | None:
 
 
 def latest_jobs(now: datetime) -> list[dict[str, Any]]:
-    """The newest jobs, newest first, with their age and delivery latency."""
+    """The newest jobs, newest first, with their age, state and delivery latency."""
     rows = Job.objects.order_by("-id").values(
-        "id", "job_id", "channel", "status", "created_at", "expires_at", "delivered_at"
+        "id",
+        "job_id",
+        "channel",
+        "status",
+        "created_at",
+        "expires_at",
+        "claimed_at",
+        "delivered_at",
+        "pushed_at",
     )[:LATEST_JOBS]
     return [
         {
@@ -200,6 +227,8 @@ def latest_jobs(now: datetime) -> list[dict[str, Any]]:
             "job_id": row["job_id"],
             "channel": row["channel"],
             "status": _status(row["status"], row["expires_at"], now),
+            "delivered_by": _delivered_by(row),
+            "state": _state(row, now),
             "age_seconds": round((now - row["created_at"]).total_seconds(), 1),
             "latency_ms": None
             if row["delivered_at"] is None
@@ -214,3 +243,34 @@ def _status(status: str, expires_at: datetime, now: datetime) -> str:
     if status == Job.Status.QUEUED and expires_at <= now:
         return str(Job.Status.EXPIRED)
     return status
+
+
+def _delivered_by(row: Mapping[str, Any]) -> str | None:
+    """``push``, ``pull``, ``both``, or None while no client has had the job."""
+    pushed = row["pushed_at"] is not None
+    # A delivery that no push made was a claim, even one the admin has since
+    # requeued (which clears ``claimed_at``).
+    pulled = row["claimed_at"] is not None or (
+        row["delivered_at"] is not None and not pushed
+    )
+    if pushed and pulled:
+        return "both"
+    if pushed:
+        return "push"
+    return "pull" if pulled else None
+
+
+def _state(row: Mapping[str, Any], now: datetime) -> str:
+    """The words the table shows: how the job was delivered, or its queue status.
+
+    A pushed job stays in the pull queue (its status reads ``queued``), but a
+    client has it: the table says so rather than "queued".
+    """
+    delivered_by = _delivered_by(row)
+    if delivered_by == "both":
+        return "pushed + pulled"
+    if delivered_by == "push":
+        return "pushed"
+    if delivered_by == "pull":
+        return "pulled" if row["claimed_at"] is not None else "pulled, requeued"
+    return _status(row["status"], row["expires_at"], now)

@@ -1,12 +1,14 @@
-"""When each job first reached a client: ``Job.delivered_at`` and the latency metric.
+"""When each job first reached a client: ``Job.delivered_at``, ``Job.pushed_at``
+and the latency metric.
 
 The consumer calls ``sent()`` after each job frame, and ``GET /job/next``
 calls ``claimed()`` after each claim. A job's first delivery in this process
 observes its latency (``gateway_delivery_latency_seconds``); a first frame also
 notes the time, which a background task writes a moment later, in one
 statement per batch, from a worker thread. A frame never waits for the
-database, and a job costs at most one write per process. Claims record their
-own delivery (``jobs.queues``); whichever came first is kept.
+database, and a job costs at most one write per process. The write sets
+``pushed_at``, and ``delivered_at`` unless a claim came first: claims record
+their own delivery (``jobs.queues``), and the first delivery is kept.
 """
 
 from __future__ import annotations
@@ -38,8 +40,33 @@ FLUSH_DELAY_SECONDS = 0.5
 # At most this many jobs per statement.
 BATCH = 500
 
-_noted: set[int] = set()
-_noted_order: deque[int] = deque()  # the same ids, oldest first
+
+class _Recent:
+    """The last ``MEMORY`` ids added, oldest forgotten first."""
+
+    def __init__(self) -> None:
+        self.ids: set[int] = set()
+        self.order: deque[int] = deque()  # the same ids, oldest first
+
+    def add(self, job_id: int) -> bool:
+        """Remember ``job_id``; False if it was remembered already."""
+        if job_id in self.ids:
+            return False
+        self.ids.add(job_id)
+        self.order.append(job_id)
+        if len(self.order) > MEMORY:
+            self.ids.discard(self.order.popleft())
+        return True
+
+    def clear(self) -> None:
+        self.ids.clear()
+        self.order.clear()
+
+
+# Jobs whose push is noted, and jobs whose latency is observed (or, replayed,
+# never will be): a claim observes a job's latency but must not hide its push.
+_pushed = _Recent()
+_observed = _Recent()
 _pending: dict[int, datetime] = {}
 _flushers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
 
@@ -49,10 +76,13 @@ def sent(job: dict[str, Any], *, replayed: bool = False) -> None:
 
     A replay (``since=``) is catch-up, not latency: it is recorded, not observed.
     """
-    now = _first_delivery(job, observe=not replayed)
-    if now is None:
-        return
-    _pending[job["id"]] = now
+    job_id = job["id"]
+    if not _pushed.add(job_id):
+        return  # the common case for a broadcast: no clock read, no parsing
+    now = timezone.now()
+    if _observed.add(job_id) and not replayed:
+        _observe(job, now)
+    _pending[job_id] = now
     loop = asyncio.get_running_loop()
     flusher = _flushers.get(loop)
     if flusher is None or flusher.done():
@@ -65,23 +95,13 @@ def sent(job: dict[str, Any], *, replayed: bool = False) -> None:
 def claimed(job: dict[str, Any]) -> None:
     """Note that a claim handed ``job`` out; the claim recorded the time."""
     metrics.JOBS_CLAIMED.inc()
-    _first_delivery(job)
+    if _observed.add(job["id"]):
+        _observe(job, timezone.now())
 
 
-def _first_delivery(job: dict[str, Any], *, observe: bool = True) -> datetime | None:
-    """The time now if this is ``job``'s first delivery in this process."""
-    job_id = job["id"]
-    if job_id in _noted:
-        return None  # the common case for a broadcast: no clock read, no parsing
-    _noted.add(job_id)
-    _noted_order.append(job_id)
-    if len(_noted_order) > MEMORY:
-        _noted.discard(_noted_order.popleft())
-    now = timezone.now()
-    if observe:
-        created = datetime.fromisoformat(job["created_at"])
-        metrics.DELIVERY_LATENCY.observe(max(0.0, (now - created).total_seconds()))
-    return now
+def _observe(job: dict[str, Any], now: datetime) -> None:
+    created = datetime.fromisoformat(job["created_at"])
+    metrics.DELIVERY_LATENCY.observe(max(0.0, (now - created).total_seconds()))
 
 
 async def flush() -> None:
@@ -102,12 +122,14 @@ async def _flush_later() -> None:
     await flush()
 
 
-# One statement per batch: each id gets its own moment, and a job that already
-# has one (a claim came first) keeps it. Written out, like the other per-job
-# statements: the ORM's CASE took longer to build than to run.
+# One statement per batch: each id gets its own moment as its first push, and
+# as its first delivery unless it has one (a claim came first). Written out,
+# like the other per-job statements: the ORM's CASE took longer to build than
+# to run. Both sides of SET read the row as it was, hence the CASE twice.
 _WRITE_SQL = """
-UPDATE jobs_job SET delivered_at = CASE id {cases} END
-WHERE id IN ({ids}) AND delivered_at IS NULL
+UPDATE jobs_job SET pushed_at = CASE id {cases} END,
+    delivered_at = COALESCE(delivered_at, CASE id {cases} END)
+WHERE id IN ({ids}) AND pushed_at IS NULL
 """
 
 
@@ -118,10 +140,10 @@ def _write(batch: dict[int, datetime]) -> None:
         cases=" ".join(["WHEN %s THEN %s"] * len(batch)),
         ids=", ".join(["%s"] * len(batch)),
     )
-    params: list[Any] = []
+    cases: list[Any] = []
     for pk, at in batch.items():
-        params += [pk, adapt(at)]
-    params += batch
+        cases += [pk, adapt(at)]
+    params = [*cases, *cases, *batch]
     # SQLite has one writer: queue up behind the claims on their mutex rather
     # than in SQLite's busy handler, which makes a claim sleep.
     lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
@@ -133,6 +155,6 @@ def _write(batch: dict[int, datetime]) -> None:
 
 def forget() -> None:
     """Drop what this process remembers (tests)."""
-    _noted.clear()
-    _noted_order.clear()
+    _pushed.clear()
+    _observed.clear()
     _pending.clear()

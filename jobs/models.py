@@ -41,6 +41,9 @@ class Job(models.Model):
     # whichever came first): the dashboard's delivery latency. Set once, by the
     # queue and the consumer only, hence not editable in the admin.
     delivered_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # When a WebSocket client first had the job, whether or not a claim came
+    # first: with ``claimed_at``, the dashboard tells pushed, pulled and both.
+    pushed_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-id"]

@@ -484,9 +484,10 @@ def _unclaim(pk: int) -> None:
         status=Job.Status.QUEUED,
         claimed_at=None,
         claimed_by=None,
-        # Nobody had the job after all, unless a WebSocket client had it first.
+        # Nobody had the job after all, unless a WebSocket client had it too.
         delivered_at=Case(
-            When(delivered_at=F("claimed_at"), then=None), default=F("delivered_at")
+            When(delivered_at=F("claimed_at"), then=F("pushed_at")),
+            default=F("delivered_at"),
         ),
     )
 

@@ -87,7 +87,7 @@ def test_changelist_shows_status_ids_channel_and_age(staff: Client) -> None:
         job_id="0f8fad5b-d9cb",
         place_id=109983668079237,
         channel="1390012345678901234",
-        created_at=timezone.now() - timedelta(hours=2),
+        created_at=timezone.now() - timedelta(hours=2, minutes=13),
     )
     make_job(job_id="stale-one", expires_at=timezone.now() - timedelta(seconds=1))
     page = staff.get(CHANGELIST).content.decode()
@@ -97,10 +97,21 @@ def test_changelist_shows_status_ids_channel_and_age(staff: Client) -> None:
         assert column in header_text
     for value in ("0f8fad5b-d9cb", "109983668079237", "1390012345678901234"):
         assert value in page
+    # One unit, on one line: the list fits 1,280 px (tests/test_dashboard_browser.py).
     assert "2\xa0hours" in page
+    assert "13\xa0minutes" not in page
     assert "queued" in page
     # A queued job past its expiry is shown for what it is.
     assert "expired (not yet swept)" in page
+
+
+def test_the_list_takes_the_width_the_app_list_took(staff: Client) -> None:
+    make_job()
+    page = staff.get(CHANGELIST).content.decode()
+    assert re.search(r'href="/static/jobs/admin(\.[0-9a-f]+)?\.css"', page)
+    assert 'id="nav-sidebar"' not in page
+    # Elsewhere the admin keeps its app list.
+    assert 'id="nav-sidebar"' in staff.get("/admin/auth/user/").content.decode()
 
 
 @pytest.mark.parametrize(

@@ -24,8 +24,8 @@ import pytest
 
 import gateway_client
 from gateway_client import GatewayClient
+from testkit.servers import REPO_ROOT
 from tests.conftest import LiveGateway
-from tests.servers import REPO_ROOT
 from tests.test_worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]

@@ -11,6 +11,7 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta
+from importlib import import_module
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
+from django.apps import apps as django_apps
 from django.conf import settings as django_settings
 from django.contrib.auth.models import Permission, User
 from django.core.cache import cache
@@ -210,7 +212,8 @@ async def test_data_after_publishing_and_claiming(
     assert charts["minutes"] == sorted(charts["minutes"])
     assert {charts["minutes"][1] - charts["minutes"][0]} == {60}
     assert set(charts["published"]) == {0}
-    assert set(charts["latency_p50_ms"]) == set(charts["latency_max_ms"]) == {None}
+    for series in dashboard.LATENCY_SERIES:
+        assert set(charts[series]) == {None}
 
     jobs = [await publish(api, sign, f"job-{n}") for n in range(3)]
     claimed = await claim(api, sign)
@@ -225,6 +228,8 @@ async def test_data_after_publishing_and_claiming(
     latest = body["latest_jobs"]
     assert [job["job_id"] for job in latest] == ["job-2", "job-1", "job-0"]
     assert [job["status"] for job in latest] == ["queued", "queued", "claimed"]
+    assert [job["state"] for job in latest] == ["queued", "queued", "pulled"]
+    assert [job["delivered_by"] for job in latest] == [None, None, "pull"]
     assert [job["latency_ms"] is None for job in latest] == [True, True, False]
     assert all(0 <= job["age_seconds"] < 60 for job in latest)
     assert set(latest[0]) == {
@@ -232,6 +237,8 @@ async def test_data_after_publishing_and_claiming(
         "job_id",
         "channel",
         "status",
+        "delivered_by",
+        "state",
         "age_seconds",
         "latency_ms",
     }
@@ -251,6 +258,103 @@ async def test_latest_jobs_are_the_newest_twenty_and_show_expiry_at_once(
     assert latest[0]["job_id"] == "job-21"
     assert latest[0]["status"] == "expired"  # not yet swept, shown as it is
     assert latest[-1]["job_id"] == "job-2"
+
+
+# --- How each job was delivered --------------------------------------------------
+
+
+def test_a_job_s_state_says_how_it_was_delivered(transactional_db: None) -> None:
+    now = timezone.now()
+    first = now + timedelta(milliseconds=5)
+    second = now + timedelta(seconds=1)
+    lapsed = now - timedelta(seconds=1)
+    claimed = {"status": Job.Status.CLAIMED, "claimed_by": "203.0.113.9"}
+    rows: dict[str, dict[str, Any]] = {
+        "waiting": {},
+        "lapsed": {"expires_at": lapsed},
+        "pushed": {"pushed_at": first, "delivered_at": first},
+        "pushed-lapsed": {
+            "pushed_at": first,
+            "delivered_at": first,
+            "expires_at": lapsed,
+        },
+        "pulled": {**claimed, "claimed_at": first, "delivered_at": first},
+        "pushed-then-pulled": {
+            **claimed,
+            "pushed_at": first,
+            "delivered_at": first,
+            "claimed_at": second,
+        },
+        "pulled-then-pushed": {
+            **claimed,
+            "claimed_at": first,
+            "delivered_at": first,
+            "pushed_at": second,
+        },
+        # Pulled, then requeued in the admin (which clears claimed_at).
+        "requeued": {"delivered_at": first},
+    }
+    for job_id, values in rows.items():
+        values.setdefault("expires_at", now + timedelta(minutes=5))
+        Job.objects.create(job_id=job_id, created_at=now, **values)
+    client = Client()
+    client.force_login(_user("operator", staff=True, can_view_jobs=True))
+
+    response = client.get(DATA)
+
+    assert response.status_code == 200
+    latest = {job["job_id"]: job for job in response.json()["latest_jobs"]}
+    shown = {
+        job_id: (job["delivered_by"], job["state"]) for job_id, job in latest.items()
+    }
+    assert shown == {
+        "waiting": (None, "queued"),
+        "lapsed": (None, "expired"),
+        "pushed": ("push", "pushed"),
+        "pushed-lapsed": ("push", "pushed"),
+        "pulled": ("pull", "pulled"),
+        "pushed-then-pulled": ("both", "pushed + pulled"),
+        "pulled-then-pushed": ("both", "pushed + pulled"),
+        "requeued": ("pull", "pulled, requeued"),
+    }
+    # The queue's own status is still there: a pushed job waits to be pulled.
+    assert latest["pushed"]["status"] == "queued"
+    # A delivery time is never beside "queued".
+    for job in latest.values():
+        assert (job["latency_ms"] is None) == (job["delivered_by"] is None)
+        assert job["latency_ms"] is None or job["state"] not in ("queued", "expired")
+    assert latest["pushed"]["latency_ms"] == 5.0
+
+
+@pytest.mark.usefixtures("layer")
+async def test_pushed_pulled_and_both_through_the_gateway(
+    api: httpx.AsyncClient, sign: Sign, queue_backend: str
+) -> None:
+    await log_in(api, "operator")
+    await publish(api, sign, "pulled")
+    await claim(api, sign)  # no WebSocket client yet
+    client = await ws_client()
+    try:
+        both = await publish(api, sign, "both")
+        pushed = await publish(api, sign, "pushed")
+        for job in (both, pushed):
+            assert (await client.receive_json_from())["job"]["id"] == job["id"]
+        assert (await claim(api, sign))["id"] == both["id"]
+        await deliveries.flush()
+    finally:
+        await client.disconnect()
+    await publish(api, sign, "waiting")
+
+    latest = (await data(api))["latest_jobs"]
+
+    shown = {job["job_id"]: (job["delivered_by"], job["state"]) for job in latest}
+    assert shown == {
+        "waiting": (None, "queued"),
+        "pushed": ("push", "pushed"),
+        "both": ("both", "pushed + pulled"),
+        "pulled": ("pull", "pulled"),
+    }
+    assert {job["job_id"] for job in latest if job["latency_ms"] is None} == {"waiting"}
 
 
 @sync_to_async
@@ -292,11 +396,31 @@ async def test_charts_count_and_measure_by_minute_of_publishing() -> None:
     assert charts["published"][five_ago] == 1
     assert sum(charts["published"]) == 6
     assert charts["latency_p50_ms"][last] == 25.0  # median of 10, 20, 30, 400
+    assert charts["latency_p90_ms"][last] == 289.0  # 30 + 0.7 * (400 - 30)
+    assert charts["latency_p99_ms"][last] == 388.9  # 30 + 0.97 * (400 - 30)
     assert charts["latency_max_ms"][last] == 400.0
-    assert charts["latency_p50_ms"][five_ago] == charts["latency_max_ms"][five_ago]
-    assert charts["latency_p50_ms"][five_ago] == 5.0
+    for series in dashboard.LATENCY_SERIES:
+        assert charts[series][five_ago] == 5.0  # one job: every quantile is it
     others = [m for m in range(len(minutes)) if m not in (five_ago, len(minutes) - 1)]
-    assert {charts["latency_p50_ms"][m] for m in others} == {None}
+    for series in dashboard.LATENCY_SERIES:
+        assert {charts[series][m] for m in others} == {None}
+
+
+@pytest.mark.parametrize(
+    ("values", "fraction", "expected"),
+    [
+        ([7.0], 0.99, 7.0),
+        ([1.0, 2.0, 3.0], 0.5, 2.0),
+        ([1.0, 2.0, 3.0, 4.0], 0.5, 2.5),
+        ([1.0, 2.0, 3.0, 4.0], 0.0, 1.0),
+        ([1.0, 2.0, 3.0, 4.0], 1.0, 4.0),
+        ([0.0, 10.0], 0.9, 9.0),
+    ],
+)
+def test_percentiles_lie_between_neighbours(
+    values: list[float], fraction: float, expected: float
+) -> None:
+    assert dashboard.percentile(values, fraction) == pytest.approx(expected)
 
 
 @pytest.mark.usefixtures("transactional_db")
@@ -419,6 +543,50 @@ async def test_a_claim_put_back_was_no_delivery(
     assert (await stored(job["id"])).delivered_at == pushed_at
 
 
+async def test_a_push_after_a_claim_is_recorded_and_outlives_its_release(
+    api: httpx.AsyncClient, sign: Sign, queue_backend: str
+) -> None:
+    # The claim's answer and the broadcast's frame race: either may come first.
+    job = await publish(api, sign, "raced")
+    await claim(api, sign)  # noted in this process too
+    deliveries.sent(job)
+    await deliveries.flush()
+    both = await stored(job["id"])
+    assert both.pushed_at is not None and both.claimed_at is not None
+    assert both.delivered_at == both.claimed_at <= both.pushed_at
+    # The claim is put back (its client went away): the push still stands.
+    await get_queue().release(job)
+    released = await stored(job["id"])
+    assert (released.status, released.claimed_at) == (Job.Status.QUEUED, None)
+    assert released.delivered_at == released.pushed_at == both.pushed_at
+
+
+def test_the_migration_fills_pushed_at_where_only_a_push_delivered(
+    transactional_db: None,
+) -> None:
+    fill_pushed_at = import_module("jobs.migrations.0005_job_pushed_at").fill_pushed_at
+    now = timezone.now()
+    later = now + timedelta(seconds=1)
+    rows = {
+        "never": {},
+        "pushed": {"delivered_at": now},
+        "pushed-then-pulled": {"delivered_at": now, "claimed_at": later},
+        "pulled": {"delivered_at": now, "claimed_at": now},
+    }
+    for job_id, values in rows.items():
+        Job.objects.create(job_id=job_id, expires_at=later, **values)
+
+    fill_pushed_at(django_apps, None)
+
+    filled = dict(Job.objects.values_list("job_id", "pushed_at"))
+    assert filled == {
+        "never": None,
+        "pushed": now,
+        "pushed-then-pulled": now,
+        "pulled": None,
+    }
+
+
 @pytest.mark.usefixtures("layer")
 async def test_a_websocket_delivery_is_recorded_once_and_kept(
     api: httpx.AsyncClient,
@@ -494,8 +662,8 @@ async def test_the_memory_of_recorded_jobs_is_bounded(
     created_at = timezone.now().isoformat()
     for job_id in range(1, 6):
         deliveries.sent({"id": job_id, "created_at": created_at})
-    assert deliveries._noted == {3, 4, 5}
-    assert list(deliveries._noted_order) == [3, 4, 5]
+    assert deliveries._pushed.ids == {3, 4, 5}
+    assert list(deliveries._pushed.order) == [3, 4, 5]
     assert sorted(deliveries._pending) == [1, 2, 3, 4, 5]
 
 

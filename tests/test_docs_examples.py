@@ -25,8 +25,8 @@ from typing import Any
 
 import pytest
 
+from testkit.servers import REPO_ROOT, DaphneProcess
 from tests.conftest import process_env
-from tests.servers import REPO_ROOT, DaphneProcess
 
 pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]
 
