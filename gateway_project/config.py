@@ -9,6 +9,7 @@ read, so a typo stops the process at start-up instead of surprising it later.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,22 @@ def _check_bounds(
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {number}.")
     if maximum is not None and number > maximum:
         raise ImproperlyConfigured(f"{name} must be at most {maximum}, not {number}.")
+
+
+def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may run on: its CPU affinity, under any cgroup quota.
+
+    A container sees the host's cores (``os.cpu_count()``) while its quota
+    (cgroup v2 ``cpu.max``, "quota period") may allow a fraction of one.
+    """
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cores
+    if quota == "max":
+        return cores
+    return max(1, min(cores, int(quota) // int(period)))
 
 
 class Config:

@@ -15,7 +15,7 @@ import dj_database_url
 import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
-from gateway_project.config import Config
+from gateway_project.config import Config, available_cores
 from jobs.filters import FilterError, parse_tiers
 
 # Lets the admin and querysets take type parameters at run time (ModelAdmin[Job]).
@@ -243,6 +243,11 @@ try:
 except FilterError as exc:
     raise ImproperlyConfigured(f"TIERS: {exc}") from None
 PORT = config.integer("PORT", 8000, minimum=1, maximum=65535)
+# daphne processes `manage.py serve` runs on one port: every core with Redis to
+# share the queue and channel layer, one without (docs/deploy.md).
+WEB_CONCURRENCY = config.integer(
+    "WEB_CONCURRENCY", available_cores() if REDIS_URL else 1, minimum=1, maximum=64
+)
 
 # --- The admin's login throttle (docs/security.md, "The admin login") ----------
 

@@ -15,6 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from gateway_project.config import (
     Config,
+    available_cores,
     parse_bool,
     parse_float,
     parse_int,
@@ -272,6 +273,59 @@ def test_a_bad_value_stops_start_up_naming_it() -> None:
     result = run([sys.executable, "manage.py", "check"], RATE_LIMIT_PER_MINUTE="lots")
     assert result.returncode != 0
     assert "RATE_LIMIT_PER_MINUTE must be a whole number, not 'lots'" in result.stderr
+
+
+# --- Processes (manage.py serve) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("max 100000", "all"),
+        ("50000 100000", 1),  # half a core still runs one process
+        ("200000 100000", 2),
+        (None, "all"),  # no cgroup v2 file
+        ("garbled", "all"),
+    ],
+)
+def test_available_cores_follow_a_cgroup_quota(
+    tmp_path: Path, cpu_max: str | None, expected: int | str
+) -> None:
+    if cpu_max is not None:
+        (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    cores = len(os.sched_getaffinity(0))
+    want = cores if expected == "all" else min(cores, int(expected))
+    assert available_cores(tmp_path) == want
+
+
+_PRINT_PROCESSES = (
+    "import django; django.setup(); from django.conf import settings; "
+    "print(settings.WEB_CONCURRENCY)"
+)
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"REDIS_URL": ""}, "1"),
+        ({"REDIS_URL": "redis://127.0.0.1:1/0"}, str(available_cores())),
+        ({"REDIS_URL": "", "WEB_CONCURRENCY": "3"}, "3"),
+    ],
+)
+def test_web_concurrency_is_every_core_with_redis_and_one_without(
+    env: dict[str, str], expected: str
+) -> None:
+    result = run([sys.executable, "-c", _PRINT_PROCESSES], **env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("value", ["0", "65", "many"])
+def test_a_bad_web_concurrency_stops_start_up(value: str) -> None:
+    result = run([sys.executable, "manage.py", "check"], WEB_CONCURRENCY=value)
+    assert result.returncode != 0
+    assert "WEB_CONCURRENCY" in result.stderr
 
 
 # --- The admin login's throttle -------------------------------------------------

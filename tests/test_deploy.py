@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from jobs.management.commands import serve
 from testkit.servers import REPO_ROOT, DaphneProcess
 
 RENDER_HOST = "job-gateway.onrender.com"
@@ -225,13 +227,14 @@ def test_the_web_service_serves_daphne_behind_renders_proxy(
     blueprint: dict[str, Any],
 ) -> None:
     (web,) = services_of(blueprint, "web")
-    command = web["startCommand"].split()
-    assert command[0] == "daphne"
-    assert command[-1] == "gateway_project.asgi:application"
-    assert " -b 0.0.0.0 -p $PORT " in web["startCommand"]
-    assert "--ping-interval 20 --ping-timeout 30" in web["startCommand"]
+    # manage.py serve: daphne on 0.0.0.0:$PORT, WEB_CONCURRENCY processes.
+    assert web["startCommand"] == "python manage.py serve"
+    with socket.socket() as listener:
+        argv = serve.daphne_argv(listener, [])
+    assert argv[-1] == "gateway_project.asgi:application"
+    assert " --ping-interval 20 --ping-timeout 30 " in " ".join(argv)
     # The client's address comes from TRUSTED_PROXY_COUNT, never daphne's guess.
-    assert "--proxy-headers" not in command
+    assert "--proxy-headers" not in argv
     assert web["healthCheckPath"] == "/healthz"
     assert "collectstatic --noinput" in web["buildCommand"]
     assert web["preDeployCommand"] == "python manage.py migrate --noinput"
@@ -325,8 +328,7 @@ def test_the_procfile_runs_what_render_runs(blueprint: dict[str, Any]) -> None:
 def test_the_local_procfile_differs_only_in_the_bound_address() -> None:
     deployed, local = procfile("Procfile"), procfile("Procfile.dev")
     assert local["poller"] == deployed["worker"]
-    loopback = local["web"].replace("${HOST:-127.0.0.1}", "0.0.0.0")
-    assert loopback == deployed["web"]
+    assert local["web"] == deployed["web"] + " --bind ${HOST:-127.0.0.1}"
 
 
 # --- Production settings ----------------------------------------------------------
