@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from django.conf import settings
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 
 from jobs.db import in_db_thread
 from jobs.models import SingleUse
@@ -97,12 +97,15 @@ async def _execute(sql: str, params: list[Any]) -> tuple[int, Rows]:
 
     On SQLite, on the event loop's own thread when the write lock is free at
     once: the statement takes about 15 µs, and its hop to a worker thread cost
-    five times that, for every v2 request (docs/benchmarks.md). When another
-    writer holds the lock the loop never waits for it: a worker thread does.
+    five times that, for every v2 request (docs/security.md, "Nonces"). When
+    another writer holds the lock the loop never waits for it: a worker thread
+    does. The database is read from the settings, not from ``connection``,
+    whose per-task lookup cost as much as the statement.
     """
-    if connection.vendor == "sqlite":
+    database = connections.settings[DEFAULT_DB_ALIAS]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
         try:
-            cursor = _loop_connection().cursor()
+            cursor = _loop_connection(str(database["NAME"])).cursor()
             try:
                 return _run(cursor, sql.replace("%s", "?"), params)
             finally:
@@ -132,9 +135,8 @@ def _execute_in_thread(sql: str, params: list[Any]) -> tuple[int, Rows]:
 _loop_connections = threading.local()
 
 
-def _loop_connection() -> sqlite3.Connection:
-    """This thread's own connection to the SQLite file, one that never waits."""
-    name = str(connection.settings_dict["NAME"])
+def _loop_connection(name: str) -> sqlite3.Connection:
+    """This thread's own connection to SQLite file ``name``, one that never waits."""
     held: tuple[str, sqlite3.Connection] | None = getattr(
         _loop_connections, "held", None
     )
