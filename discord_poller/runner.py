@@ -143,6 +143,8 @@ class Poller:
         self.fatal: BaseException | None = None
         self._taken = _RecentIds(REMEMBERED_IDS)
         self._with_job = _RecentIds(REMEMBERED_IDS)
+        # --once: a failed poll ends its channel's reading; nothing retries it.
+        self._once = False
 
     # --- One poll -------------------------------------------------------------
 
@@ -268,6 +270,9 @@ class Poller:
             # The client has logged the cause; this is the wait it asks for.
             delay = exc.retry_after
             logger.warning("channel %s: waiting %.1f s (%s)", channel_id, delay, exc)
+        elif self._once:
+            delay = backoff(self._error_backoff, ERROR_BACKOFF_MAX, channel.failures)
+            logger.error("channel %s: %s; not read this run", channel_id, text)
         else:
             delay = backoff(self._error_backoff, ERROR_BACKOFF_MAX, channel.failures)
             logger.warning(
@@ -313,8 +318,10 @@ class Poller:
     async def run_once(self, stop: asyncio.Event, drain_timeout: float = 10.0) -> int:
         """Read every channel until caught up, publish; return jobs left unsent.
 
-        Raises ``Unauthorized`` if Discord rejected the token.
+        A channel whose poll failed is not tried again: ``unread()`` names it
+        afterwards. Raises ``Unauthorized`` if Discord rejected the token.
         """
+        self._once = True
 
         async def catch_up(channel_id: str) -> None:
             for _ in range(ONCE_MAX_PAGES):
@@ -323,6 +330,14 @@ class Poller:
 
         await run_until(stop, *(catch_up(channel) for channel in self.channels))
         return await self._publisher.drain(drain_timeout, stop)
+
+    def unread(self) -> dict[str, str]:
+        """The channels whose last poll failed, each with its error."""
+        return {
+            channel.channel_id: channel.last_error or "not read"
+            for channel in self.channels.values()
+            if channel.failures
+        }
 
     async def _poll_forever(self, channel_id: str, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -15,6 +15,8 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import ImproperlyConfigured
 
+from gateway_project.config import exit_on_bad_settings
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway_project.settings")
 
 
@@ -30,9 +32,11 @@ def missing_secrets() -> list[str]:
     return [name for name, value in required.items() if not value]
 
 
-# Serving without the secrets would admit nobody, or anybody: refuse in one line,
-# before Django's set-up can print anything else. (migrate, createsuperuser and
-# the like never import this module.)
+# A value that does not parse, or serving without the secrets (which would admit
+# nobody, or anybody): refuse in one line, before Django's set-up can print
+# anything else. (migrate, createsuperuser and the like never import this
+# module; manage.py makes the same check.)
+exit_on_bad_settings("Refusing to serve")
 if _missing := missing_secrets():
     sys.exit(f"Refusing to serve: {', '.join(_missing)} not set.")
 

@@ -26,7 +26,7 @@ from gateway_client.signing import signed_headers
 from jobs.models import Job
 from tests.conftest import LiveGateway, process_env
 from tests.fakes.discord import DEFAULT_TOKEN
-from tests.servers import REPO_ROOT, ManagedProcess
+from tests.servers import REPO_ROOT, ManagedProcess, free_port
 
 CHANNEL = "1390012345678901234"
 OTHER = "1390012345678901235"
@@ -270,3 +270,60 @@ def test_a_signal_stops_it_within_a_second_even_mid_backoff(
     assert elapsed < 1.0
     assert "the poller has stopped" in output
     assert PollerStatus.objects.get().report["state"] == "stopped"
+
+
+# --- --once: every channel read, or a failure ---------------------------------------
+
+
+def run_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, "--once"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.processes
+def test_once_fails_naming_the_url_when_discord_is_unreachable(
+    transactional_db: None,
+) -> None:
+    api_base = f"http://127.0.0.1:{free_port()}/api/v10"  # nothing listens
+    env = process_env(
+        CHANNEL_ID=CHANNEL,
+        DISCORD_TOKEN=DEFAULT_TOKEN,
+        DISCORD_API_BASE=api_base,
+        SERVICE_BASE_URL="http://127.0.0.1:1",
+    )
+    result = run_once(env)
+    assert result.returncode == 1, result.stderr
+    url = f"{api_base}/channels/{CHANNEL}/messages"
+    # The log line and the exit line both say which address was tried.
+    assert f"could not reach GET {url}: ConnectError" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"CommandError: channel {CHANNEL} could not be read (")
+    assert url in last
+    assert "trying again" not in result.stderr  # --once tries each channel once
+    assert DEFAULT_TOKEN not in result.stderr
+    assert PollerStatus.objects.get().report["state"] == "failed"
+
+
+@pytest.mark.processes
+def test_once_fails_when_one_channel_of_two_cannot_be_read(
+    transactional_db: None, fake_discord: FakeDiscordProcess
+) -> None:
+    fake_discord.behave(faults=[{"kind": "forbidden", "channel_id": OTHER}])
+    env = poller_env(fake_discord, "http://127.0.0.1:1", f"{CHANNEL},{OTHER}")
+    result = run_once(env)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"CommandError: channel {OTHER} could not be read (")
+    assert "403" in last
+    assert f"channel {CHANNEL} could not" not in last  # that one was read
+    report = PollerStatus.objects.get().report
+    assert report["state"] == "failed"
+    assert report["discord"]["channels"][CHANNEL]["failures"] == 0
+    assert report["discord"]["channels"][OTHER]["failures"] == 1
