@@ -51,6 +51,7 @@ from jobs.handlers import ApiHandler  # noqa: E402
 from jobs.logging import (  # noqa: E402
     defer_autobahn_debug_formatting,
     drop_twisted_request_log,
+    hint_at_ports_in_use,
     redact_daphne_access_log,
 )
 from jobs.serving import (  # noqa: E402
@@ -65,6 +66,8 @@ from jobs.serving import (  # noqa: E402
 redact_daphne_access_log()
 # Twisted's own request log would print them whole at daphne's -v 2.
 drop_twisted_request_log()
+# A port in use: daphne's one line also says how to pick another.
+hint_at_ports_in_use()
 # Spare every WebSocket connection and frame debug lines nobody reads, and
 # every POST a form parse nobody uses; send frames and responses without a
 # loop turn each; frame each job's frame once for all clients.
