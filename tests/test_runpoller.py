@@ -226,6 +226,20 @@ def test_once_publishes_one_cycle_and_reports_it(
 
 
 @pytest.mark.processes
+def test_a_bare_host_and_port_is_the_gateway_over_plain_http(
+    live_gateway: LiveGateway, fake_discord: FakeDiscordProcess
+) -> None:
+    # What render.yaml hands the poller: the web service's <host>:<port>.
+    hostport = live_gateway.base_url.removeprefix("http://")
+    posted = fake_discord.post(CHANNEL, embeds=job_embed("over-the-private-network"))
+    result = run_once(poller_env(fake_discord, hostport))
+    assert result.returncode == 0, result.stderr
+    assert f"publishing to http://{hostport}" in result.stderr
+    (job,) = Job.objects.filter(source="discord")
+    assert (job.job_id, job.message_id) == ("over-the-private-network", posted["id"])
+
+
+@pytest.mark.processes
 def test_a_rejected_token_exits_nonzero_without_showing_it(
     live_gateway: LiveGateway, fake_discord: FakeDiscordProcess
 ) -> None:
