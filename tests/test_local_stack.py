@@ -241,6 +241,54 @@ def test_a_port_in_use_is_one_line_naming_it_and_port_setting(tmp_path: Path) ->
     assert not (tmp_path / "db.sqlite3").exists()
 
 
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"JOB_TTL_SECONDS": "abc"},
+            "Refusing to start: JOB_TTL_SECONDS must be a whole number from 1 to "
+            "86400, not 'abc'.",
+        ),
+        (
+            {"SETTINGS_FILE": "missing.json"},
+            f"Refusing to start: SETTINGS_FILE {str(REPO_ROOT / 'missing.json')!r} "
+            "does not exist.",
+        ),
+        (
+            {"PORT": "eighty"},
+            "Refusing to start: PORT must be a whole number from 1 to 65535, "
+            "not 'eighty'.",
+        ),
+    ],
+)
+def test_a_bad_setting_stops_scripts_run_in_one_line(
+    tmp_path: Path, env: dict[str, str], line: str
+) -> None:
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text("{}")
+    result = subprocess.run(
+        [str(REPO_ROOT / "scripts" / "run")],
+        cwd=REPO_ROOT,
+        env={
+            **os.environ,
+            "PORT": str(free_port()),
+            "SETTINGS_FILE": str(settings_file),
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+            "REDIS_URL": "",
+            "QUEUE_BACKEND": "",
+            "CHANNEL_LAYER": "",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_SECONDS,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [line]
+
+
 def test_daphne_on_a_port_in_use_says_how_to_pick_another() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
