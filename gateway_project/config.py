@@ -145,7 +145,8 @@ def parse_url(
 
 def _url_problem(text: str, schemes: Collection[str]) -> str | None:
     """What ``text`` lacks to be a URL of one of ``schemes``; None if nothing."""
-    wanted = " or ".join(f"{scheme}://" for scheme in schemes)
+    *others, last = [f"{scheme}://" for scheme in schemes]
+    wanted = f"{', '.join(others)} or {last}" if others else last
     if any(character.isspace() for character in text):
         return f"a URL ({wanted}) without spaces"
     try:
@@ -155,7 +156,8 @@ def _url_problem(text: str, schemes: Collection[str]) -> str | None:
         return f"a URL ({wanted}) with a port from 1 to 65535"
     if parts.scheme.lower() not in schemes:
         return f"a URL starting {wanted}"
-    if not parts.hostname:
+    # unix:///path/to/redis.sock names a socket file instead of a host.
+    if not parts.hostname and not (parts.scheme.lower() == "unix" and parts.path):
         return f"a URL ({wanted}) that names a host"
     if parts.fragment:
         return f"a URL ({wanted}) without a #fragment"

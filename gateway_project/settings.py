@@ -148,7 +148,7 @@ WHITENOISE_USE_FINDERS = not STATIC_MANIFEST
 REDIS_URL = config.url(
     "REDIS_URL",
     "",
-    schemes=("redis", "rediss"),
+    schemes=("redis", "rediss", "unix"),
     example="redis://127.0.0.1:6379/0",
 )
 

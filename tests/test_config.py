@@ -155,6 +155,14 @@ def test_parse_url_says_what_it_expected(value: str, expected: str) -> None:
     assert "like http://127.0.0.1:8000" in message
 
 
+def test_a_unix_socket_names_a_path_instead_of_a_host() -> None:
+    url = "unix:///run/redis/redis.sock?db=0"
+    assert parse_url("R", url, schemes=("redis", "unix"), example="x") == url
+    assert "that names a host" in rejects(
+        parse_url, "unix://", schemes=("redis", "unix"), example="x"
+    )
+
+
 def test_a_bare_host_is_not_a_url_where_none_is_implied() -> None:
     assert "a URL starting redis://" in rejects(
         parse_url, "localhost:6379", schemes=("redis",), example="redis://h:6379"
@@ -397,7 +405,7 @@ BAD_VALUES = [
     (
         "REDIS_URL",
         "localhost:6379",
-        "REDIS_URL must be a URL starting redis:// or rediss://, like "
+        "REDIS_URL must be a URL starting redis://, rediss:// or unix://, like "
         "redis://127.0.0.1:6379/0; not 'localhost:6379'.",
     ),
     (
