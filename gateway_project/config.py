@@ -9,6 +9,7 @@ read, so a typo stops the process at start-up instead of surprising it later.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -18,6 +19,8 @@ from urllib.parse import urlsplit
 from django.core.exceptions import ImproperlyConfigured
 
 _TRUE = {"1", "true", "yes", "on"}
+# user:password@ in a URL, the password running to the last @.
+_PASSWORD = re.compile(r"(?P<user>[^:/?#@\s]*):\S*@")
 _FALSE = {"0", "false", "no", "off", ""}
 
 
@@ -165,18 +168,19 @@ def _url_problem(text: str, schemes: Collection[str]) -> str | None:
 
 
 def redact_url(text: str) -> str:
-    """``text`` with any password in it, and its query, replaced by ``***``."""
+    """``text`` with any password in it, and its query, replaced by ``***``.
+
+    Malformed URLs too (``postgresql//user:password@host``): they are the ones
+    an error shows.
+    """
     scheme, found, rest = text.partition("://")
     if not found:
-        return text
-    authority, slash, path = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    if at and ":" in userinfo:
-        authority = f"{userinfo.split(':', 1)[0]}:***@{host}"
-    path, question, _ = path.partition("?")
-    if not slash and "?" in authority:
-        authority, question = authority.split("?", 1)[0], "?"
-    return f"{scheme}://{authority}{slash}{path}{'?***' if question else ''}"
+        scheme, rest = "", text
+    rest, question, _ = rest.partition("?")
+    # Greedy to the last @: a password may hold / or @.
+    rest = _PASSWORD.sub(r"\g<user>:***@", rest, count=1)
+    query = "?***" if question else ""
+    return f"{scheme}://{rest}{query}" if found else f"{rest}{query}"
 
 
 def _range(minimum: float | None, maximum: float | None) -> str:

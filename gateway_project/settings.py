@@ -84,17 +84,13 @@ try:
             _DATABASE_URL, conn_max_age=600, conn_health_checks=True
         )
     }
-except ValueError:  # an unknown scheme, or no URL at all
-    DATABASES = {"default": {}}
-if not DATABASES["default"].get("ENGINE") or (
-    DATABASES["default"]["ENGINE"] != "django.db.backends.sqlite3"
-    and not DATABASES["default"].get("HOST")
-):
+except ValueError:  # an unknown scheme, a port that is not a number...
+    # (No host is fine: postgres:///name uses the local socket.)
     raise ImproperlyConfigured(
         "DATABASE_URL must be a database URL, like "
         "postgres://user:password@host:5432/name or sqlite:///path/to/db.sqlite3; "
         f"not {redact_url(_DATABASE_URL)!r}."
-    )
+    ) from None
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {
         # IMMEDIATE takes the write lock at BEGIN, so concurrent claimers queue

@@ -178,6 +178,7 @@ def test_a_bare_host_is_not_a_url_where_none_is_implied() -> None:
         ("redis://host?password=pw", "redis://host?***"),
         ("http://user@host/", "http://user@host/"),
         ("not a url", "not a url"),
+        ("postgres://u:a/b@c@host/db", "postgres://u:***@host/db"),
     ],
 )
 def test_redact_url_hides_passwords(url: str, shown: str) -> None:
@@ -410,10 +411,17 @@ BAD_VALUES = [
     ),
     (
         "DATABASE_URL",
-        "postgres://gateway:hunter2-secret@/jobs",
+        "postgres://gateway:hunter2-secret@db:5432x/jobs",
         "DATABASE_URL must be a database URL, like "
         "postgres://user:password@host:5432/name or sqlite:///path/to/db.sqlite3; "
-        "not 'postgres://gateway:***@/jobs'.",
+        "not 'postgres://gateway:***@db:5432x/jobs'.",
+    ),
+    (
+        "DATABASE_URL",
+        "postgresql//gateway:hunter2-secret@db/jobs",
+        "DATABASE_URL must be a database URL, like "
+        "postgres://user:password@host:5432/name or sqlite:///path/to/db.sqlite3; "
+        "not 'postgresql//gateway:***@db/jobs'.",
     ),
 ]
 
