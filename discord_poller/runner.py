@@ -257,24 +257,32 @@ class Poller:
         self.stats.last_error_at = self._clock()
         self.stats.errors += 1
         channel_id = channel.channel_id
-        if isinstance(exc, Forbidden | NotFound):
+        access = isinstance(exc, Forbidden | NotFound)
+        hint = (
+            ". Does the bot have View Channel and Read Message History there?"
+            if access
+            else "."
+        )
+        if access:
             delay = backoff(self._access_backoff, ACCESS_BACKOFF_MAX, channel.failures)
+        elif isinstance(exc, Banned | RateLimited):
+            delay = exc.retry_after  # the wait it asks for
+        else:
+            delay = backoff(self._error_backoff, ERROR_BACKOFF_MAX, channel.failures)
+        if self._once:
+            logger.error("channel %s: %s%s Not read this run.", channel_id, text, hint)
+        elif access:
             logger.error(
-                "channel %s: %s. Does the bot have View Channel and Read Message "
-                "History there? Trying it again in %.0f s",
+                "channel %s: %s%s Trying it again in %.0f s",
                 channel_id,
                 exc,
+                hint,
                 delay,
             )
         elif isinstance(exc, Banned | RateLimited):
-            # The client has logged the cause; this is the wait it asks for.
-            delay = exc.retry_after
+            # The client has logged the cause.
             logger.warning("channel %s: waiting %.1f s (%s)", channel_id, delay, exc)
-        elif self._once:
-            delay = backoff(self._error_backoff, ERROR_BACKOFF_MAX, channel.failures)
-            logger.error("channel %s: %s; not read this run", channel_id, text)
         else:
-            delay = backoff(self._error_backoff, ERROR_BACKOFF_MAX, channel.failures)
             logger.warning(
                 "channel %s: %s; trying again in %.1f s", channel_id, text, delay
             )

@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 from django.core.exceptions import ImproperlyConfigured
 
 _TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
 # user:password@ in a URL, the password running to the last @.
 _PASSWORD = re.compile(r"(?P<user>[^:/?#@\s]*):\S*@")
-_FALSE = {"0", "false", "no", "off", ""}
 
 
 def parse_int(

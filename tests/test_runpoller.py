@@ -321,6 +321,8 @@ def test_once_fails_naming_the_url_when_discord_is_unreachable(
     assert last.startswith(f"CommandError: channel {CHANNEL} could not be read (")
     assert url in last
     assert "trying again" not in result.stderr  # --once tries each channel once
+    assert f"channel {CHANNEL}: DiscordUnavailable: could not reach" in result.stderr
+    assert "Not read this run." in result.stderr
     assert DEFAULT_TOKEN not in result.stderr
     assert PollerStatus.objects.get().report["state"] == "failed"
 
@@ -337,6 +339,11 @@ def test_once_fails_when_one_channel_of_two_cannot_be_read(
     assert last.startswith(f"CommandError: channel {OTHER} could not be read (")
     assert "403" in last
     assert f"channel {CHANNEL} could not" not in last  # that one was read
+    # The log says what to check, and that this run is over for the channel.
+    assert "Does the bot have View Channel and Read Message History there? " in (
+        result.stderr
+    )
+    assert "Trying it again" not in result.stderr
     report = PollerStatus.objects.get().report
     assert report["state"] == "failed"
     assert report["discord"]["channels"][CHANNEL]["failures"] == 0
