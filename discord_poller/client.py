@@ -392,8 +392,11 @@ class DiscordClient:
         except BaseException as exc:
             bucket.release(self._clock(), None)
             if isinstance(exc, httpx.RequestError):
+                # The URL says which host was tried (DISCORD_API_BASE); the
+                # token is in a header, never in the URL.
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc)
                 raise DiscordUnavailable(
-                    f"GET {path} failed: {type(exc).__name__}",
+                    f"could not reach GET {self._api_base}{path}: {reason}",
                     channel_id=major,
                 ) from exc
             raise

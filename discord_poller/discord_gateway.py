@@ -183,7 +183,9 @@ class DiscordGateway:
                 user_agent_header=self._user_agent,
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
-            self._note_error(f"could not connect: {type(exc).__name__}: {exc}")
+            self._note_error(
+                f"could not connect to {gateway_url(url)}: {type(exc).__name__}: {exc}"
+            )
             return _Outcome(resume=session is not None)
         async with ws:
             return await self._serve(ws, session, stop)

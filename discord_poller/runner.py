@@ -143,6 +143,8 @@ class Poller:
         self.fatal: BaseException | None = None
         self._taken = _RecentIds(REMEMBERED_IDS)
         self._with_job = _RecentIds(REMEMBERED_IDS)
+        # --once: a failed poll ends its channel's reading; nothing retries it.
+        self._once = False
 
     # --- One poll -------------------------------------------------------------
 
@@ -255,21 +257,32 @@ class Poller:
         self.stats.last_error_at = self._clock()
         self.stats.errors += 1
         channel_id = channel.channel_id
-        if isinstance(exc, Forbidden | NotFound):
+        access = isinstance(exc, Forbidden | NotFound)
+        hint = (
+            ". Does the bot have View Channel and Read Message History there?"
+            if access
+            else "."
+        )
+        if access:
             delay = backoff(self._access_backoff, ACCESS_BACKOFF_MAX, channel.failures)
+        elif isinstance(exc, Banned | RateLimited):
+            delay = exc.retry_after  # the wait it asks for
+        else:
+            delay = backoff(self._error_backoff, ERROR_BACKOFF_MAX, channel.failures)
+        if self._once:
+            logger.error("channel %s: %s%s Not read this run.", channel_id, text, hint)
+        elif access:
             logger.error(
-                "channel %s: %s. Does the bot have View Channel and Read Message "
-                "History there? Trying it again in %.0f s",
+                "channel %s: %s%s Trying it again in %.0f s",
                 channel_id,
                 exc,
+                hint,
                 delay,
             )
         elif isinstance(exc, Banned | RateLimited):
-            # The client has logged the cause; this is the wait it asks for.
-            delay = exc.retry_after
+            # The client has logged the cause.
             logger.warning("channel %s: waiting %.1f s (%s)", channel_id, delay, exc)
         else:
-            delay = backoff(self._error_backoff, ERROR_BACKOFF_MAX, channel.failures)
             logger.warning(
                 "channel %s: %s; trying again in %.1f s", channel_id, text, delay
             )
@@ -313,8 +326,10 @@ class Poller:
     async def run_once(self, stop: asyncio.Event, drain_timeout: float = 10.0) -> int:
         """Read every channel until caught up, publish; return jobs left unsent.
 
-        Raises ``Unauthorized`` if Discord rejected the token.
+        A channel whose poll failed is not tried again: ``unread()`` names it
+        afterwards. Raises ``Unauthorized`` if Discord rejected the token.
         """
+        self._once = True
 
         async def catch_up(channel_id: str) -> None:
             for _ in range(ONCE_MAX_PAGES):
@@ -323,6 +338,14 @@ class Poller:
 
         await run_until(stop, *(catch_up(channel) for channel in self.channels))
         return await self._publisher.drain(drain_timeout, stop)
+
+    def unread(self) -> dict[str, str]:
+        """The channels whose last poll failed, each with its error."""
+        return {
+            channel.channel_id: channel.last_error or "not read"
+            for channel in self.channels.values()
+            if channel.failures
+        }
 
     async def _poll_forever(self, channel_id: str, stop: asyncio.Event) -> None:
         while not stop.is_set():

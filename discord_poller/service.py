@@ -38,8 +38,8 @@ async def serve(
     """Poll (or listen) until SIGTERM or SIGINT (or ``stop``); ``once``: one cycle.
 
     Raises ``PollerFailed`` when the token is rejected, when the Gateway closes
-    for good, or when ``once`` leaves jobs unpublished. ``once`` always reads
-    over REST.
+    for good, or when ``once`` leaves a channel unread or jobs unpublished.
+    ``once`` always reads over REST.
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -111,9 +111,17 @@ async def _run(
     try:
         if once:
             left = await poller.run_once(stop, ONCE_DRAIN_SECONDS)
-            if left and not stop.is_set():  # a signal asked for a quick exit
+            if stop.is_set():  # a signal asked for a quick exit
+                return
+            problems = [
+                f"channel {channel} could not be read ({error})"
+                for channel, error in poller.unread().items()
+            ]
+            if left:
+                problems.append(f"{left} jobs could not be published")
+            if problems:
                 state = "failed"
-                raise PollerFailed(f"{left} jobs could not be published.")
+                raise PollerFailed("; ".join(problems) + ".")
         else:
             await poller.run(stop, readers)
     except GatewayFatal as exc:

@@ -151,7 +151,11 @@ def check_signature(
     assert timestamp is not None and signature is not None
     expected = [sign(secret, timestamp) for secret in secrets]
     if not _matches_any(signature.lower(), expected):
-        raise SignatureError("bad_signature", "The signature does not match.")
+        raise SignatureError(
+            "bad_signature",
+            "The signature does not match. Signature v1 signs the X-TIMESTAMP "
+            "value alone, HMAC-SHA256 with HMAC_SECRET, in lowercase hex.",
+        )
 
 
 def _check_timestamp(
@@ -220,7 +224,33 @@ def check_signature_v2(
         for secret in secrets
     ]
     if not _matches_any(signature.lower(), expected):
-        raise SignatureError("bad_signature", "The signature does not match.")
+        raise SignatureError(
+            "bad_signature", mismatch_detail_v2(method, target, content)
+        )
+
+
+# A target longer than this is cut in a refusal's detail.
+DETAIL_TARGET_CHARS = 300
+
+
+def mismatch_detail_v2(method: str, target: str, body: bytes) -> str:
+    """What a v2 signature signs, and what the gateway took for this request.
+
+    All of it comes from the request itself: never a secret, nor the signature
+    that was expected. The usual mistake, signing a path without the query
+    it is sent with, shows at a glance.
+    """
+    shown = target
+    if len(shown) > DETAIL_TARGET_CHARS:
+        shown = shown[:DETAIL_TARGET_CHARS] + "…"
+    digest = hashlib.sha256(body).hexdigest()
+    return (
+        "The signature does not match. Signature v2 signs five lines, HMAC-SHA256 "
+        "with HMAC_SECRET: X-TIMESTAMP, X-NONCE, the method, the path with its "
+        "query exactly as sent, and the hex SHA-256 of the body. This request "
+        f"was checked as method {method.upper()}, path and query {shown}, body "
+        f"SHA-256 {digest} ({len(body)} bytes)."
+    )
 
 
 def signature_version(value: str | None, *, require_v2: bool = False) -> int:

@@ -17,6 +17,7 @@ from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import ImproperlyConfigured
 
+from gateway_project.config import exit_on_bad_settings
 from jobs.serving import (
     ServerPatchError,
     leave_form_bodies_to_the_application,
@@ -41,9 +42,11 @@ def missing_secrets() -> list[str]:
     return [name for name, value in required.items() if not value]
 
 
-# Serving without the secrets would admit nobody, or anybody: refuse in one line,
-# before Django's set-up can print anything else. (migrate, createsuperuser and
-# the like never import this module.)
+# A value that does not parse, or serving without the secrets (which would admit
+# nobody, or anybody): refuse in one line, before Django's set-up can print
+# anything else. (migrate, createsuperuser and the like never import this
+# module; manage.py makes the same check.)
+exit_on_bad_settings("Refusing to serve")
 if _missing := missing_secrets():
     sys.exit(f"Refusing to serve: {', '.join(_missing)} not set.")
 
@@ -98,6 +101,7 @@ from jobs.handlers import ApiHandler  # noqa: E402
 from jobs.logging import (  # noqa: E402
     defer_autobahn_debug_formatting,
     drop_twisted_request_log,
+    hint_at_ports_in_use,
     redact_daphne_access_log,
 )
 
@@ -106,6 +110,8 @@ from jobs.logging import (  # noqa: E402
 redact_daphne_access_log()
 # Twisted's own request log would print them whole at daphne's -v 2.
 drop_twisted_request_log()
+# A port in use: daphne's one line also says how to pick another.
+hint_at_ports_in_use()
 # Spare every WebSocket connection and frame debug lines nobody reads, and
 # every POST a form parse nobody uses; send frames and responses without a
 # loop turn each; frame each job's frame once for all clients.

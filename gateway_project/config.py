@@ -10,29 +10,35 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import re
+import sys
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+# user:password@ in a URL, the password running to the last @.
+_PASSWORD = re.compile(r"(?P<user>[^:/?#@\s]*):\S*@")
 
 
 def parse_int(
     name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None
 ) -> int:
     """Read a whole number, within bounds when given."""
+    expected = "a whole number" + _range(minimum, maximum)
     if isinstance(value, bool):
-        raise ImproperlyConfigured(f"{name} must be a whole number, not {value!r}.")
+        raise ImproperlyConfigured(f"{name} must be {expected}, not {value!r}.")
     try:
         number = int(str(value).strip()) if not isinstance(value, int) else value
     except ValueError:
         raise ImproperlyConfigured(
-            f"{name} must be a whole number, not {value!r}."
+            f"{name} must be {expected}, not {value!r}."
         ) from None
-    _check_bounds(name, number, minimum, maximum)
+    _check_bounds(name, number, minimum, maximum, value)
     return number
 
 
@@ -44,15 +50,20 @@ def parse_float(
     maximum: float | None = None,
 ) -> float:
     """Read a decimal number, within bounds when given."""
+    expected = "a number" + _range(minimum, maximum)
     if isinstance(value, bool):
-        raise ImproperlyConfigured(f"{name} must be a number, not {value!r}.")
+        raise ImproperlyConfigured(f"{name} must be {expected}, not {value!r}.")
     try:
         number = float(str(value).strip()) if not isinstance(value, float) else value
     except ValueError:
-        raise ImproperlyConfigured(f"{name} must be a number, not {value!r}.") from None
+        raise ImproperlyConfigured(
+            f"{name} must be {expected}, not {value!r}."
+        ) from None
     if number != number or number in (float("inf"), float("-inf")):
-        raise ImproperlyConfigured(f"{name} must be a finite number, not {value!r}.")
-    _check_bounds(name, number, minimum, maximum)
+        raise ImproperlyConfigured(
+            f"{name} must be a finite number{_range(minimum, maximum)}, not {value!r}."
+        )
+    _check_bounds(name, number, minimum, maximum, value)
     return number
 
 
@@ -101,13 +112,116 @@ def parse_json_object(name: str, value: Any) -> dict[str, Any]:
     return value
 
 
+def parse_choice(name: str, value: Any, choices: Collection[str]) -> str:
+    """Read one of ``choices``, in any letter case; returned as listed."""
+    text = str(value).strip()
+    for choice in choices:
+        if text.lower() == choice.lower():
+            return choice
+    listed = ", ".join(choices)
+    raise ImproperlyConfigured(f"{name} must be one of {listed}; not {value!r}.")
+
+
+def parse_url(
+    name: str,
+    value: Any,
+    *,
+    schemes: Collection[str],
+    bare_scheme: str | None = None,
+    example: str,
+) -> str:
+    """Read a URL whose scheme is one of ``schemes`` and that names a host.
+
+    With ``bare_scheme``, a bare ``host:port`` (what a platform hands over for
+    a service's private address) is read as ``<bare_scheme>://host:port``.
+    Passwords never appear in the error.
+    """
+    text = str(value).strip()
+    if bare_scheme is not None and text and "://" not in text:
+        text = f"{bare_scheme}://{text}"
+    problem = _url_problem(text, schemes)
+    if problem:
+        raise ImproperlyConfigured(
+            f"{name} must be {problem}, like {example}; not {redact_url(str(value))!r}."
+        )
+    return text
+
+
+def _url_problem(text: str, schemes: Collection[str]) -> str | None:
+    """What ``text`` lacks to be a URL of one of ``schemes``; None if nothing."""
+    *others, last = [f"{scheme}://" for scheme in schemes]
+    wanted = f"{', '.join(others)} or {last}" if others else last
+    if any(character.isspace() for character in text):
+        return f"a URL ({wanted}) without spaces"
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        return f"a URL ({wanted}) with a port from 1 to 65535"
+    if parts.scheme.lower() not in schemes:
+        return f"a URL starting {wanted}"
+    # unix:///path/to/redis.sock names a socket file instead of a host.
+    if not parts.hostname and not (parts.scheme.lower() == "unix" and parts.path):
+        return f"a URL ({wanted}) that names a host"
+    if parts.fragment:
+        return f"a URL ({wanted}) without a #fragment"
+    return None
+
+
+def redact_url(text: str) -> str:
+    """``text`` with any password in it, and its query, replaced by ``***``.
+
+    Malformed URLs too (``postgresql//user:password@host``): they are the ones
+    an error shows.
+    """
+    scheme, found, rest = text.partition("://")
+    if not found:
+        scheme, rest = "", text
+    rest, question, _ = rest.partition("?")
+    # Greedy to the last @: a password may hold / or @.
+    rest = _PASSWORD.sub(r"\g<user>:***@", rest, count=1)
+    query = "?***" if question else ""
+    return f"{scheme}://{rest}{query}" if found else f"{rest}{query}"
+
+
+def _range(minimum: float | None, maximum: float | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f" from {minimum} to {maximum}"
+    if minimum is not None:
+        return f" of at least {minimum}"
+    if maximum is not None:
+        return f" of at most {maximum}"
+    return ""
+
+
 def _check_bounds(
-    name: str, number: float, minimum: float | None, maximum: float | None
+    name: str,
+    number: float,
+    minimum: float | None,
+    maximum: float | None,
+    value: Any,
 ) -> None:
-    if minimum is not None and number < minimum:
-        raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {number}.")
-    if maximum is not None and number > maximum:
-        raise ImproperlyConfigured(f"{name} must be at most {maximum}, not {number}.")
+    if (minimum is not None and number < minimum) or (
+        maximum is not None and number > maximum
+    ):
+        what = "a whole number" if isinstance(number, int) else "a number"
+        raise ImproperlyConfigured(
+            f"{name} must be {what}{_range(minimum, maximum)}, not {value!r}."
+        )
+
+
+def exit_on_bad_settings(refusal: str = "Refusing to start") -> None:
+    """Load Django's settings; on a bad value, exit with one line naming it.
+
+    For the entry points (``manage.py``, the ASGI module), which would
+    otherwise print a traceback dozens of lines long around that one line.
+    """
+    from django.conf import settings
+
+    try:
+        settings.INSTALLED_APPS  # noqa: B018 - loads the settings module
+    except ImproperlyConfigured as exc:
+        sys.exit(f"{refusal}: {exc}")
 
 
 def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
@@ -183,6 +297,26 @@ class Config:
     def boolean(self, name: str, default: bool) -> bool:
         value = self.raw(name)
         return default if value is None else parse_bool(name, value)
+
+    def choice(self, name: str, default: str, choices: Collection[str]) -> str:
+        value = self.raw(name)
+        return default if value in (None, "") else parse_choice(name, value, choices)
+
+    def url(
+        self,
+        name: str,
+        default: str,
+        *,
+        schemes: Collection[str],
+        bare_scheme: str | None = None,
+        example: str,
+    ) -> str:
+        value = self.raw(name)
+        if value in (None, ""):
+            return default
+        return parse_url(
+            name, value, schemes=schemes, bare_scheme=bare_scheme, example=example
+        )
 
     def json_object(self, name: str) -> dict[str, Any]:
         value = self.raw(name)

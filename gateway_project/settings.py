@@ -15,7 +15,7 @@ import dj_database_url
 import django_stubs_ext
 from django.core.exceptions import ImproperlyConfigured
 
-from gateway_project.config import Config, available_cores
+from gateway_project.config import Config, available_cores, redact_url
 from jobs.filters import FilterError, parse_tiers
 
 # Lets the admin and querysets take type parameters at run time (ModelAdmin[Job]).
@@ -82,13 +82,20 @@ TEMPLATES = [
 ]
 
 _SQLITE_FILE = BASE_DIR / "db.sqlite3"
-DATABASES = {
-    "default": dj_database_url.parse(
-        config.string("DATABASE_URL", f"sqlite:///{_SQLITE_FILE}") or "",
-        conn_max_age=600,
-        conn_health_checks=True,
-    )
-}
+_DATABASE_URL = config.string("DATABASE_URL", f"sqlite:///{_SQLITE_FILE}") or ""
+try:
+    DATABASES = {
+        "default": dj_database_url.parse(
+            _DATABASE_URL, conn_max_age=600, conn_health_checks=True
+        )
+    }
+except ValueError:  # an unknown scheme, a port that is not a number...
+    # (No host is fine: postgres:///name uses the local socket.)
+    raise ImproperlyConfigured(
+        "DATABASE_URL must be a database URL, like "
+        "postgres://user:password@host:5432/name or sqlite:///path/to/db.sqlite3; "
+        f"not {redact_url(_DATABASE_URL)!r}."
+    ) from None
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["OPTIONS"] = {
         # IMMEDIATE takes the write lock at BEGIN, so concurrent claimers queue
@@ -147,7 +154,12 @@ WHITENOISE_USE_FINDERS = not STATIC_MANIFEST
 
 # --- Backing services: chosen here, from REDIS_URL ----------------------------
 
-REDIS_URL = config.string("REDIS_URL")
+REDIS_URL = config.url(
+    "REDIS_URL",
+    "",
+    schemes=("redis", "rediss", "unix"),
+    example="redis://127.0.0.1:6379/0",
+)
 
 # Each process reads every published job from one channel of the channel layer
 # (jobs.fanout). A process behind on a burst finds the jobs waiting there: at
@@ -285,8 +297,11 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = max(MAX_JOB_BYTES * 2, 2_621_440)
 
 CHANNEL_IDS = config.strings("CHANNEL_ID")
 DISCORD_TOKEN = config.string("DISCORD_TOKEN")
-DISCORD_API_BASE = (
-    config.string("DISCORD_API_BASE", "https://discord.com/api/v10") or ""
+DISCORD_API_BASE = config.url(
+    "DISCORD_API_BASE",
+    "https://discord.com/api/v10",
+    schemes=("https", "http"),
+    example="https://discord.com/api/v10",
 ).rstrip("/")
 # The page the poller's User-Agent names, "DiscordBot (<url>, <version>)": Discord
 # asks a bot to say where to learn about it (docs/poller.md).
@@ -295,8 +310,15 @@ DISCORD_POLL_SECONDS = config.number("DISCORD_POLL_SECONDS", 0.25, minimum=0.0)
 BURST_POLL_SECONDS = config.number("BURST_POLL_SECONDS", 0.05, minimum=0.0)
 # rest (poll) or gateway (Discord's Gateway); checked by discord_poller.config.
 DISCORD_MODE = config.string("DISCORD_MODE", "rest")
-SERVICE_BASE_URL = (
-    config.string("SERVICE_BASE_URL", f"http://127.0.0.1:{PORT}") or ""
+# The gateway the poller posts to. A bare host:port, as Render hands over the
+# web service's private address (render.yaml), is plain HTTP: the private
+# network needs no TLS.
+SERVICE_BASE_URL = config.url(
+    "SERVICE_BASE_URL",
+    f"http://127.0.0.1:{PORT}",
+    schemes=("http", "https"),
+    bare_scheme="http",
+    example="http://127.0.0.1:8000 or job-gateway-a1b2:8000",
 ).rstrip("/")
 
 # --- Logging ------------------------------------------------------------------
@@ -319,7 +341,12 @@ LOGGING = {
             "filters": ["context"],
         }
     },
-    "root": {"handlers": ["console"], "level": config.string("LOG_LEVEL", "INFO")},
+    "root": {
+        "handlers": ["console"],
+        "level": config.choice(
+            "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+        ),
+    },
 }
 
 # --- Production: the platform and HTTPS (docs/deploy.md) ----------------------
@@ -334,6 +361,11 @@ if RENDER_EXTERNAL_HOSTNAME:
         *CSRF_TRUSTED_ORIGINS,
         f"https://{RENDER_EXTERNAL_HOSTNAME}",
     ]
+# And its name on Render's private network, where the poller posts its jobs
+# (render.yaml): the service's slug, which Render sets as RENDER_SERVICE_NAME.
+RENDER_SERVICE_NAME = config.string("RENDER_SERVICE_NAME")
+if RENDER_SERVICE_NAME:
+    ALLOWED_HOSTS = [*ALLOWED_HOSTS, RENDER_SERVICE_NAME]
 
 # One switch for serving behind a proxy that terminates HTTPS. Off by default so
 # that a local run over plain HTTP keeps a working admin login.

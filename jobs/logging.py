@@ -181,6 +181,36 @@ def redact_daphne_access_log() -> None:
     AccessLogGenerator.write_entry = write_entry
 
 
+_LISTEN_IN_USE = re.compile(
+    r"Couldn't listen on (?P<host>.*):(?P<port>[0-9]+): .*in use"
+)
+
+
+class PortInUseHint(logging.Filter):
+    """Add to daphne's "Listen failure" line for a port in use the way out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        found = _LISTEN_IN_USE.search(message)
+        if message.startswith("Listen failure") and found:
+            port = int(found["port"])
+            other = port + 1 if port < 65535 else 8001
+            record.msg = (
+                f"{message} Another process holds port {port}, perhaps another "
+                f"gateway: stop it, or serve on another port (PORT={other} "
+                f"scripts/run, or daphne -p {other})."
+            )
+            record.args = None
+        return True
+
+
+def hint_at_ports_in_use() -> None:
+    """Make daphne's failure to listen on a port in use say what to do."""
+    server = logging.getLogger("daphne.server")
+    if not any(isinstance(f, PortInUseHint) for f in server.filters):
+        server.addFilter(PortInUseHint())
+
+
 def drop_twisted_request_log() -> None:
     """Stop Twisted writing a request log line of its own for each HTTP request.
 

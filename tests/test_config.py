@@ -17,9 +17,12 @@ from gateway_project.config import (
     Config,
     available_cores,
     parse_bool,
+    parse_choice,
     parse_float,
     parse_int,
     parse_list,
+    parse_url,
+    redact_url,
 )
 from testkit.servers import REPO_ROOT
 from tests import stack
@@ -108,6 +111,86 @@ def test_parse_list_reads_strings_and_lists(value: Any, expected: list[str]) -> 
 @pytest.mark.parametrize("value", [5, {"a": "b"}, [None], [["nested"]], True])
 def test_parse_list_rejects_the_rest(value: Any) -> None:
     assert repr(value) in rejects(parse_list, value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("https://discord.com/api/v10", "https://discord.com/api/v10"),
+        ("http://127.0.0.1:8000", "http://127.0.0.1:8000"),
+        # Render's hostport of a service: plain HTTP on the private network.
+        ("job-gateway-a1b2:8000", "http://job-gateway-a1b2:8000"),
+        ("job-gateway-a1b2", "http://job-gateway-a1b2"),
+        (" http://[::1]:8000/prefix ", "http://[::1]:8000/prefix"),
+    ],
+)
+def test_parse_url_reads_urls_and_bare_host_ports(value: str, expected: str) -> None:
+    parsed = parse_url(
+        "SOME_SETTING",
+        value,
+        schemes=("http", "https"),
+        bare_scheme="http",
+        example="x",
+    )
+    assert parsed == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("not-a-url", "a URL starting http:// or https://"),
+        ("ftp://host", "a URL starting http:// or https://"),
+        ("http://", "a URL (http:// or https://) that names a host"),
+        ("http://host:99999", "with a port from 1 to 65535"),
+        ("http://host:port", "with a port from 1 to 65535"),
+        ("http://ho st", "without spaces"),
+        ("http://host/#top", "without a #fragment"),
+    ],
+)
+def test_parse_url_says_what_it_expected(value: str, expected: str) -> None:
+    message = rejects(
+        parse_url, value, schemes=("http", "https"), example="http://127.0.0.1:8000"
+    )
+    assert expected in message
+    assert repr(value) in message
+    assert "like http://127.0.0.1:8000" in message
+
+
+def test_a_unix_socket_names_a_path_instead_of_a_host() -> None:
+    url = "unix:///run/redis/redis.sock?db=0"
+    assert parse_url("R", url, schemes=("redis", "unix"), example="x") == url
+    assert "that names a host" in rejects(
+        parse_url, "unix://", schemes=("redis", "unix"), example="x"
+    )
+
+
+def test_a_bare_host_is_not_a_url_where_none_is_implied() -> None:
+    assert "a URL starting redis://" in rejects(
+        parse_url, "localhost:6379", schemes=("redis",), example="redis://h:6379"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgres://user:pw@host:5432/db", "postgres://user:***@host:5432/db"),
+        ("rediss://:pw@host:6379", "rediss://:***@host:6379"),
+        ("redis://host:6379/0?password=pw", "redis://host:6379/0?***"),
+        ("redis://host?password=pw", "redis://host?***"),
+        ("http://user@host/", "http://user@host/"),
+        ("not a url", "not a url"),
+        ("postgres://u:a/b@c@host/db", "postgres://u:***@host/db"),
+    ],
+)
+def test_redact_url_hides_passwords(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_parse_choice() -> None:
+    assert parse_choice("SOME_SETTING", "warning", ("INFO", "WARNING")) == "WARNING"
+    assert "one of INFO, WARNING" in rejects(
+        parse_choice, "loud", choices=("INFO", "WARNING")
+    )
 
 
 # --- Where values come from ---------------------------------------------------
@@ -272,7 +355,110 @@ def test_management_commands_need_no_secrets() -> None:
 def test_a_bad_value_stops_start_up_naming_it() -> None:
     result = run([sys.executable, "manage.py", "check"], RATE_LIMIT_PER_MINUTE="lots")
     assert result.returncode != 0
-    assert "RATE_LIMIT_PER_MINUTE must be a whole number, not 'lots'" in result.stderr
+    assert result.stderr.splitlines() == [
+        "Refusing to start: RATE_LIMIT_PER_MINUTE must be a whole number of at "
+        "least 0, not 'lots'."
+    ]
+
+
+DAPHNE = [
+    sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", "0",
+    "gateway_project.asgi:application",
+]  # fmt: skip
+# Each bad start: the setting, its value, and the line that refuses it.
+BAD_VALUES = [
+    (
+        "DISCORD_POLL_SECONDS",
+        "fast",
+        "DISCORD_POLL_SECONDS must be a number of at least 0.0, not 'fast'.",
+    ),
+    (
+        "JOB_TTL_SECONDS",
+        "abc",
+        "JOB_TTL_SECONDS must be a whole number from 1 to 86400, not 'abc'.",
+    ),
+    (
+        "JOB_TTL_SECONDS",
+        "0",
+        "JOB_TTL_SECONDS must be a whole number from 1 to 86400, not '0'.",
+    ),
+    (
+        "HTTPS_ONLY",
+        "sometimes",
+        "HTTPS_ONLY must be true or false (or yes/no, on/off, 1/0), not 'sometimes'.",
+    ),
+    (
+        "LOG_LEVEL",
+        "loud",
+        "LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL; not 'loud'.",
+    ),
+    (
+        "DISCORD_API_BASE",
+        "not-a-url",
+        "DISCORD_API_BASE must be a URL starting https:// or http://, like "
+        "https://discord.com/api/v10; not 'not-a-url'.",
+    ),
+    (
+        "SERVICE_BASE_URL",
+        "ftp://gateway.example",
+        "SERVICE_BASE_URL must be a URL starting http:// or https://, like "
+        "http://127.0.0.1:8000 or job-gateway-a1b2:8000; not 'ftp://gateway.example'.",
+    ),
+    (
+        "REDIS_URL",
+        "localhost:6379",
+        "REDIS_URL must be a URL starting redis://, rediss:// or unix://, like "
+        "redis://127.0.0.1:6379/0; not 'localhost:6379'.",
+    ),
+    (
+        "DATABASE_URL",
+        "postgres://gateway:hunter2-secret@db:5432x/jobs",
+        "DATABASE_URL must be a database URL, like "
+        "postgres://user:password@host:5432/name or sqlite:///path/to/db.sqlite3; "
+        "not 'postgres://gateway:***@db:5432x/jobs'.",
+    ),
+    (
+        "DATABASE_URL",
+        "postgresql//gateway:hunter2-secret@db/jobs",
+        "DATABASE_URL must be a database URL, like "
+        "postgres://user:password@host:5432/name or sqlite:///path/to/db.sqlite3; "
+        "not 'postgresql//gateway:***@db/jobs'.",
+    ),
+]
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize(
+    ("argv", "refusal"),
+    [
+        (DAPHNE, "Refusing to serve"),
+        ([sys.executable, "manage.py", "runpoller", "--once"], "Refusing to start"),
+        ([sys.executable, "manage.py", "migrate"], "Refusing to start"),
+    ],
+    ids=["daphne", "runpoller", "migrate"],
+)
+@pytest.mark.parametrize(("name", "value", "line"), BAD_VALUES)
+def test_every_bad_start_is_one_line_naming_setting_value_and_expectation(
+    argv: list[str], refusal: str, name: str, value: str, line: str
+) -> None:
+    result = run(argv, **{name: value})
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [f"{refusal}: {line}"]
+    assert "hunter2" not in result.stderr  # a password in a URL is never shown
+
+
+@pytest.mark.processes
+def test_a_bad_settings_file_value_is_one_line_too(tmp_path: Path) -> None:
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(json.dumps({"MAX_JOB_BYTES": 12}))
+    result = run(
+        [sys.executable, "manage.py", "prunejobs"], SETTINGS_FILE=str(settings_file)
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "Refusing to start: MAX_JOB_BYTES must be a whole number of at least 256, "
+        "not 12."
+    ]
 
 
 # --- Processes (manage.py serve) ------------------------------------------------
@@ -325,7 +511,10 @@ def test_web_concurrency_is_every_core_with_redis_and_one_without(
 def test_a_bad_web_concurrency_stops_start_up(value: str) -> None:
     result = run([sys.executable, "manage.py", "check"], WEB_CONCURRENCY=value)
     assert result.returncode != 0
-    assert "WEB_CONCURRENCY" in result.stderr
+    assert result.stderr == (
+        "Refusing to start: WEB_CONCURRENCY must be a whole number from 1 to 64, "
+        f"not {value!r}.\n"
+    )
 
 
 # --- The admin login's throttle -------------------------------------------------
@@ -367,13 +556,13 @@ def test_admin_login_throttle_settings_reach_axes(
 @pytest.mark.parametrize(
     ("name", "value", "message"),
     [
-        ("ADMIN_LOGIN_FAILURE_LIMIT", "0", "must be at least 1, not 0"),
-        ("ADMIN_LOGIN_FAILURE_LIMIT", "101", "must be at most 100, not 101"),
-        ("ADMIN_LOGIN_FAILURE_LIMIT", "five", "must be a whole number, not 'five'"),
-        ("ADMIN_LOGIN_COOLOFF_MINUTES", "0", "must be at least 1, not 0"),
-        ("ADMIN_LOGIN_COOLOFF_MINUTES", "1441", "must be at most 1440, not 1441"),
-        ("ADMIN_LOGIN_COOLOFF_MINUTES", "2.5", "must be a whole number, not '2.5'"),
-        ("ADMIN_LOGIN_COOLOFF_MINUTES", "15m", "must be a whole number, not '15m'"),
+        ("ADMIN_LOGIN_FAILURE_LIMIT", "0", "from 1 to 100, not '0'"),
+        ("ADMIN_LOGIN_FAILURE_LIMIT", "101", "from 1 to 100, not '101'"),
+        ("ADMIN_LOGIN_FAILURE_LIMIT", "five", "from 1 to 100, not 'five'"),
+        ("ADMIN_LOGIN_COOLOFF_MINUTES", "0", "from 1 to 1440, not '0'"),
+        ("ADMIN_LOGIN_COOLOFF_MINUTES", "1441", "from 1 to 1440, not '1441'"),
+        ("ADMIN_LOGIN_COOLOFF_MINUTES", "2.5", "from 1 to 1440, not '2.5'"),
+        ("ADMIN_LOGIN_COOLOFF_MINUTES", "15m", "from 1 to 1440, not '15m'"),
     ],
 )
 def test_a_bad_admin_login_throttle_value_stops_start_up(
@@ -381,7 +570,9 @@ def test_a_bad_admin_login_throttle_value_stops_start_up(
 ) -> None:
     result = run([sys.executable, "manage.py", "check"], **{name: value})
     assert result.returncode != 0
-    assert f"{name} {message}" in result.stderr
+    assert result.stderr == (
+        f"Refusing to start: {name} must be a whole number {message}.\n"
+    )
 
 
 # --- The test suite's own isolation -------------------------------------------

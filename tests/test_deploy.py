@@ -25,6 +25,8 @@ from jobs.management.commands import serve
 from testkit.servers import REPO_ROOT, DaphneProcess
 
 RENDER_HOST = "job-gateway.onrender.com"
+# The web service's name on Render's private network, RENDER_SERVICE_NAME.
+RENDER_INTERNAL_HOST = "job-gateway-a1b2"
 SECRETS = ("API_KEY", "HMAC_SECRET", "DISCORD_TOKEN", "CHANNEL_ID")
 
 # --- A small schema of Render's Blueprint spec ---------------------------------
@@ -254,6 +256,34 @@ def test_exactly_one_poller_runs(blueprint: dict[str, Any]) -> None:
     assert needs <= set(env_of(blueprint, worker))
 
 
+def test_the_poller_reaches_the_gateway_over_the_private_network(
+    blueprint: dict[str, Any],
+) -> None:
+    (web,) = services_of(blueprint, "web")
+    (worker,) = services_of(blueprint, "worker")
+    # Wired from the web service itself: no URL to copy by hand.
+    assert env_of(blueprint, worker)["SERVICE_BASE_URL"] == {
+        "key": "SERVICE_BASE_URL",
+        "fromService": {"type": "web", "name": web["name"], "property": "hostport"},
+    }
+    # Render keeps port 10000 (its default PORT) for public traffic: the
+    # gateway listens on another, which the private network reaches too.
+    port = env_of(blueprint, web)["PORT"]["value"]
+    assert port.isdigit() and int(port) not in (10000, 18012, 18013, 19099)
+    # manage.py serve listens on PORT unless told otherwise.
+    assert web["startCommand"] == "python manage.py serve"
+
+
+def test_nothing_is_entered_by_hand_but_the_secrets(blueprint: dict[str, Any]) -> None:
+    entered = {
+        key
+        for service in blueprint["services"]
+        for key, var in env_of(blueprint, service).items()
+        if var.get("sync") is False
+    }
+    assert entered == set(SECRETS)
+
+
 def test_secrets_are_entered_in_render_not_committed(
     blueprint: dict[str, Any],
 ) -> None:
@@ -343,6 +373,7 @@ def production_env(doc: dict[str, Any], tmp_path: Path) -> dict[str, str]:
         "PATH": "/usr/bin:/bin",
         "SETTINGS_FILE": str(settings_file),
         "RENDER_EXTERNAL_HOSTNAME": RENDER_HOST,
+        "RENDER_SERVICE_NAME": RENDER_INTERNAL_HOST,
     }
     for key, var in env_of(doc, web).items():
         if "value" in var:
@@ -436,6 +467,7 @@ def test_production_answers_to_renders_host_over_https_only(
 ) -> None:
     values = settings_in(production_env(blueprint, tmp_path))
     assert RENDER_HOST in values["ALLOWED_HOSTS"]
+    assert RENDER_INTERNAL_HOST in values["ALLOWED_HOSTS"]
     assert f"https://{RENDER_HOST}" in values["CSRF_TRUSTED_ORIGINS"]
     assert values["SECURE_PROXY_SSL_HEADER"] == ["HTTP_X_FORWARDED_PROTO", "https"]
     assert values["SECURE_SSL_REDIRECT"] is True
@@ -479,3 +511,21 @@ def test_https_only_redirects_the_admin_but_never_the_api_or_health(
         # A redirected POST would lose its body; the API answers as it is.
         assert client.post("/job", json={"job_id": "x"}).status_code == 401
         assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.processes
+def test_the_gateway_answers_to_its_private_host_name(
+    https_gateway: DaphneProcess,
+) -> None:
+    with httpx.Client(base_url=https_gateway.base_url) as client:
+        # As the poller sends it, to <host>:<port> over plain HTTP: past the
+        # host check (unsigned, so 401), and never redirected to HTTPS.
+        internal = {"Host": f"{RENDER_INTERNAL_HOST}:8000"}
+        posted = client.post("/job", json={"job_id": "x"}, headers=internal)
+        assert posted.status_code == 401, posted.text
+        assert client.get("/healthz", headers=internal).status_code == 200
+        # Any other host is still refused.
+        other = {"Host": "someone-else-c3d4:8000"}
+        refused = client.post("/job", json={"job_id": "x"}, headers=other)
+        assert refused.status_code == 400
+        assert refused.json()["error"] == "bad_host"

@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -197,3 +200,110 @@ def test_without_discord_settings_only_the_gateway_runs(
     assert pids_running(children, "runpoller") == []
     assert stack.interrupt() == 130
     assert not any(alive(pid) for pid in children)
+
+
+# --- A port in use --------------------------------------------------------------
+
+DAPHNE = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p"]
+
+
+def test_a_port_in_use_is_one_line_naming_it_and_port_setting(tmp_path: Path) -> None:
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text("{}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [str(REPO_ROOT / "scripts" / "run")],
+            cwd=REPO_ROOT,
+            env={
+                **os.environ,
+                "PORT": str(port),
+                "SETTINGS_FILE": str(settings_file),
+                "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+                "REDIS_URL": "",
+                "QUEUE_BACKEND": "",
+                "CHANNEL_LAYER": "",
+            },
+            capture_output=True,
+            text=True,
+            timeout=STARTUP_SECONDS,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert result.stdout == ""  # no banner promising a gateway that never came
+    assert result.stderr.splitlines() == [
+        f"Port {port} on 127.0.0.1 is taken (Address already in use), perhaps by "
+        f"another scripts/run: stop that, or run on another port with "
+        f"PORT={port + 1} scripts/run"
+    ]
+    # It stopped before touching anything: not even the database was made.
+    assert not (tmp_path / "db.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"JOB_TTL_SECONDS": "abc"},
+            "Refusing to start: JOB_TTL_SECONDS must be a whole number from 1 to "
+            "86400, not 'abc'.",
+        ),
+        (
+            {"SETTINGS_FILE": "missing.json"},
+            f"Refusing to start: SETTINGS_FILE {str(REPO_ROOT / 'missing.json')!r} "
+            "does not exist.",
+        ),
+        (
+            {"PORT": "eighty"},
+            "Refusing to start: PORT must be a whole number from 1 to 65535, "
+            "not 'eighty'.",
+        ),
+    ],
+)
+def test_a_bad_setting_stops_scripts_run_in_one_line(
+    tmp_path: Path, env: dict[str, str], line: str
+) -> None:
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text("{}")
+    result = subprocess.run(
+        [str(REPO_ROOT / "scripts" / "run")],
+        cwd=REPO_ROOT,
+        env={
+            **os.environ,
+            "PORT": str(free_port()),
+            "SETTINGS_FILE": str(settings_file),
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+            "REDIS_URL": "",
+            "QUEUE_BACKEND": "",
+            "CHANNEL_LAYER": "",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_SECONDS,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [line]
+
+
+def test_daphne_on_a_port_in_use_says_how_to_pick_another() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*DAPHNE, str(port), "gateway_project.asgi:application"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    (line,) = [line for line in result.stderr.splitlines() if "CRITICAL" in line]
+    assert f"Couldn't listen on 127.0.0.1:{port}" in line
+    assert f"(PORT={port + 1} scripts/run, or daphne -p {port + 1})" in line

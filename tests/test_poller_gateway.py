@@ -23,15 +23,15 @@ from django.core.management import CommandError, call_command
 
 from discord_poller.client import DiscordClient
 from discord_poller.config import USER_AGENT
-from discord_poller.discord_gateway import RESUME_CLOSE_CODE
-from discord_poller.gateway_protocol import INTENTS
+from discord_poller.discord_gateway import RESUME_CLOSE_CODE, DiscordGateway
+from discord_poller.gateway_protocol import INTENTS, GatewayInfo
 from discord_poller.models import PollerStatus
 from discord_poller.publisher import Publisher
 from discord_poller.runner import Poller
 from gateway_client.signing import signed_headers
 from jobs.models import Job
 from testkit.fakes.discord import DEFAULT_TOKEN, FakeDiscord
-from testkit.servers import REPO_ROOT, ManagedProcess, _poll
+from testkit.servers import REPO_ROOT, ManagedProcess, _poll, free_port
 from tests.conftest import LiveGateway
 from tests.test_runpoller import (
     CHANNEL,
@@ -513,3 +513,29 @@ def _wait_for_health(gateway: LiveGateway) -> dict[str, Any]:
 
     _poll(check, 20, "the poller's report", None)
     return shown
+
+
+async def test_a_gateway_that_cannot_be_reached_is_named_by_its_url() -> None:
+    closed_port = free_port()  # nothing listens there
+
+    async def fetch_info() -> GatewayInfo:
+        return GatewayInfo.parse({"url": f"ws://127.0.0.1:{closed_port}"})
+
+    gateway = DiscordGateway(
+        "Bot not-a-real-token",
+        fetch_info=fetch_info,
+        on_dispatch=lambda name, data: None,
+        on_session=lambda: None,
+    )
+    stop = asyncio.Event()
+    stopper = asyncio.get_running_loop().call_later(30, stop.set)
+    try:
+        # One attempt: it fails, is noted, and the loop would reconnect.
+        await gateway._connect_once(stop)
+    finally:
+        stopper.cancel()
+    error = gateway.stats.last_error or ""
+    assert error.startswith(
+        f"could not connect to ws://127.0.0.1:{closed_port}/?v=10&encoding=json: "
+    )
+    assert "not-a-real-token" not in error

@@ -25,7 +25,7 @@ from discord_poller.models import PollerStatus
 from gateway_client.signing import signed_headers
 from jobs.models import Job
 from testkit.fakes.discord import DEFAULT_TOKEN
-from testkit.servers import REPO_ROOT, ManagedProcess
+from testkit.servers import REPO_ROOT, ManagedProcess, free_port
 from tests.conftest import LiveGateway, process_env
 
 CHANNEL = "1390012345678901234"
@@ -226,6 +226,20 @@ def test_once_publishes_one_cycle_and_reports_it(
 
 
 @pytest.mark.processes
+def test_a_bare_host_and_port_is_the_gateway_over_plain_http(
+    live_gateway: LiveGateway, fake_discord: FakeDiscordProcess
+) -> None:
+    # What render.yaml hands the poller: the web service's <host>:<port>.
+    hostport = live_gateway.base_url.removeprefix("http://")
+    posted = fake_discord.post(CHANNEL, embeds=job_embed("over-the-private-network"))
+    result = run_once(poller_env(fake_discord, hostport))
+    assert result.returncode == 0, result.stderr
+    assert f"publishing to http://{hostport}" in result.stderr
+    (job,) = Job.objects.filter(source="discord")
+    assert (job.job_id, job.message_id) == ("over-the-private-network", posted["id"])
+
+
+@pytest.mark.processes
 def test_a_rejected_token_exits_nonzero_without_showing_it(
     live_gateway: LiveGateway, fake_discord: FakeDiscordProcess
 ) -> None:
@@ -270,3 +284,67 @@ def test_a_signal_stops_it_within_a_second_even_mid_backoff(
     assert elapsed < 1.0
     assert "the poller has stopped" in output
     assert PollerStatus.objects.get().report["state"] == "stopped"
+
+
+# --- --once: every channel read, or a failure ---------------------------------------
+
+
+def run_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, "--once"],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.processes
+def test_once_fails_naming_the_url_when_discord_is_unreachable(
+    transactional_db: None,
+) -> None:
+    api_base = f"http://127.0.0.1:{free_port()}/api/v10"  # nothing listens
+    env = process_env(
+        CHANNEL_ID=CHANNEL,
+        DISCORD_TOKEN=DEFAULT_TOKEN,
+        DISCORD_API_BASE=api_base,
+        SERVICE_BASE_URL="http://127.0.0.1:1",
+    )
+    result = run_once(env)
+    assert result.returncode == 1, result.stderr
+    url = f"{api_base}/channels/{CHANNEL}/messages"
+    # The log line and the exit line both say which address was tried.
+    assert f"could not reach GET {url}: ConnectError" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"CommandError: channel {CHANNEL} could not be read (")
+    assert url in last
+    assert "trying again" not in result.stderr  # --once tries each channel once
+    assert f"channel {CHANNEL}: DiscordUnavailable: could not reach" in result.stderr
+    assert "Not read this run." in result.stderr
+    assert DEFAULT_TOKEN not in result.stderr
+    assert PollerStatus.objects.get().report["state"] == "failed"
+
+
+@pytest.mark.processes
+def test_once_fails_when_one_channel_of_two_cannot_be_read(
+    transactional_db: None, fake_discord: FakeDiscordProcess
+) -> None:
+    fake_discord.behave(faults=[{"kind": "forbidden", "channel_id": OTHER}])
+    env = poller_env(fake_discord, "http://127.0.0.1:1", f"{CHANNEL},{OTHER}")
+    result = run_once(env)
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"CommandError: channel {OTHER} could not be read (")
+    assert "403" in last
+    assert f"channel {CHANNEL} could not" not in last  # that one was read
+    # The log says what to check, and that this run is over for the channel.
+    assert "Does the bot have View Channel and Read Message History there? " in (
+        result.stderr
+    )
+    assert "Trying it again" not in result.stderr
+    report = PollerStatus.objects.get().report
+    assert report["state"] == "failed"
+    assert report["discord"]["channels"][CHANNEL]["failures"] == 0
+    assert report["discord"]["channels"][OTHER]["failures"] == 1

@@ -8,6 +8,7 @@ refused on the other, even when both see it at the same moment.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 import uuid
@@ -91,6 +92,39 @@ def v2_gateway(transactional_db: None) -> Iterator[DaphneProcess]:
     )
     with DaphneProcess(env=env) as process:
         yield process
+
+
+async def test_a_v2_mismatch_says_what_is_signed_and_what_was_checked(
+    v2_gateway: DaphneProcess, http: httpx.AsyncClient
+) -> None:
+    base = v2_gateway.base_url
+    # The usual mistake: the path signed without the query it is sent with.
+    headers = v2("GET", "/job/next")
+    refused = await http.get(f"{base}/job/next?wait=1", headers=headers)
+    assert refused.status_code == 401
+    assert refused.json()["error"] == "bad_signature"
+    detail = refused.json()["detail"]
+    assert "X-TIMESTAMP, X-NONCE, the method, the path with its query" in detail
+    assert "method GET, path and query /job/next?wait=1, body SHA-256 " in detail
+    assert f"{hashlib.sha256(b'').hexdigest()} (0 bytes)" in detail
+    # Never a secret, nor the signature the gateway expected.
+    expected = signing.sign_v2(
+        HMAC_SECRET,
+        headers["X-TIMESTAMP"],
+        headers["X-NONCE"],
+        "GET",
+        "/job/next?wait=1",
+    )
+    for secret in (HMAC_SECRET, SECOND_SECRET, expected):
+        assert secret not in refused.text
+
+    # A body other than the one signed: its hash and length as received.
+    body = job_body()
+    sent = job_body()
+    refused = await post_job(http, base, sent, v2("POST", "/job", body))
+    detail = refused.json()["detail"]
+    assert "method POST, path and query /job," in detail
+    assert f"{hashlib.sha256(sent).hexdigest()} ({len(sent)} bytes)" in detail
 
 
 async def test_v2_rotation_and_replays_through_daphne(

@@ -6,6 +6,7 @@ replicas sharing Redis) are in tests/test_signing_live.py.
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import time
@@ -566,3 +567,18 @@ async def test_ws_handshake_with_v2_when_signatures_are_required(
     assert not await handshake(query, {})
     settings.REQUIRE_SIGNATURE_V2 = False
     assert await handshake(query, {})
+
+
+def test_a_mismatch_names_what_was_signed_and_cuts_a_long_target() -> None:
+    detail = signing.mismatch_detail_v2("get", "/job/next?" + "a" * 1000, b"{}")
+    assert "method GET, path and query /job/next?" in detail
+    assert "a" * signing.DETAIL_TARGET_CHARS not in detail  # cut, with an ellipsis
+    assert "…, body SHA-256 " in detail
+    assert f"{hashlib.sha256(b'{}').hexdigest()} (2 bytes)" in detail
+
+
+def test_a_v1_mismatch_says_what_v1_signs() -> None:
+    with pytest.raises(signing.SignatureError) as caught:
+        signing.check_signature(str(NOW), "0" * 64, [HMAC_SECRET], now=NOW)
+    assert caught.value.code == "bad_signature"
+    assert "signs the X-TIMESTAMP value alone" in caught.value.detail
