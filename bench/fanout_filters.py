@@ -53,9 +53,7 @@ async def _hub_case(clients: int, filters: Sequence[str], jobs: int) -> dict[str
     from jobs.fanout import Hub
     from jobs.filters import JobFilter, parse_filter_query
 
-    hub = Hub()
-    hub._subscribed.set()  # no channel layer: dispatch is called directly
-    hub._task = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
+    hub = Hub()  # on the in-memory layer, idle: dispatch is called directly
     parsed = [parse_filter_query(query) for query in filters] or [JobFilter()]
     for n in range(clients):
         await hub.attach(_Dropped(), parsed[n % len(parsed)])
