@@ -162,7 +162,7 @@ REDIS_URL = config.url(
 )
 
 # Each process reads every published job from one channel of the channel layer
-# (jobs.fanout). A process behind on a burst finds the jobs waiting there: at
+# (jobs.bus). A process behind on a burst finds the jobs waiting there: at
 # the layers' default capacity of 100, the 101st would be dropped unseen.
 FANOUT_BACKLOG = 10_000
 
@@ -243,6 +243,11 @@ RATE_LIMIT_WINDOW_SECONDS = config.integer("RATE_LIMIT_WINDOW_SECONDS", 60, mini
 RATE_LIMIT_FAIL_OPEN = config.boolean("RATE_LIMIT_FAIL_OPEN", False)
 TRUSTED_PROXY_COUNT = config.integer("TRUSTED_PROXY_COUNT", 0, minimum=0)
 
+# A long-poll woken by nothing for this long looks at the queue again: the
+# channel layer that carries its wake-ups delivers at most once (jobs.wakeups).
+LONG_POLL_RELOOK_SECONDS = config.number(
+    "LONG_POLL_RELOOK_SECONDS", 10.0, minimum=0.1, maximum=60.0
+)
 JOB_TTL_SECONDS = config.integer("JOB_TTL_SECONDS", 300, minimum=1, maximum=86400)
 DEDUP_WINDOW_SECONDS = config.integer("DEDUP_WINDOW_SECONDS", 60, minimum=0)
 MAX_JOB_BYTES = config.integer("MAX_JOB_BYTES", 16384, minimum=256)

@@ -1,8 +1,9 @@
 """Per-process fan-out: each process takes each job once, and frames it once.
 
-The channel layer carries every published job once to every process, to one
-channel per process joined to ``jobs.all``. The process then writes the same
-serialised frame to each of its clients that wants it. Delivering through the
+The bus (``jobs.bus``) carries every published job once to every process,
+to its one subscription, which hands it to this hub (and to the long-poll
+wake-ups). The process then writes the same serialised frame to each of its
+clients that wants it. Delivering through the
 channel layer to each client instead (a group member per client) cost about
 four times the CPU per frame and, with 1,000 clients, overflowed the per-channel
 capacity and dropped frames (docs/benchmarks.md).
@@ -24,19 +25,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
-from channels.layers import get_channel_layer
 from django.conf import settings
 
-from jobs import groups, serving
+from jobs import bus, serving
 from jobs.filters import JobFilter
 from jobs.loops import PerLoop
 
 logger = logging.getLogger(__name__)
 
-# channels-redis and the in-memory layer forget a group member after a day.
-REJOIN_SECONDS = 3600.0
 # The most jobs in one frame, so that a client far behind gets frames of a
 # size any WebSocket library takes (about 60 KB at typical job sizes).
 MAX_BATCH = 100
@@ -131,13 +130,12 @@ EVERYTHING = JobFilter()
 
 
 class Hub:
-    """This process's one subscription, shared by every connected client."""
+    """This process's fan-out, one listener of the bus for every connected client."""
 
     def __init__(self) -> None:
         # Equal filters are one key (JobFilter is a frozen dataclass).
         self.groups: dict[JobFilter, set[Client]] = {}
         self._filters: dict[Client, JobFilter] = {}
-        self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._inbox: asyncio.Queue[dict[str, Any]] | None = None
 
@@ -147,7 +145,7 @@ class Hub:
 
     @property
     def backlog(self) -> int:
-        """Jobs received from the layer and not yet being written to clients."""
+        """Jobs received from the bus and not yet being written to clients."""
         return 0 if self._inbox is None else self._inbox.qsize()
 
     async def attach(self, client: Client, job_filter: JobFilter = EVERYTHING) -> None:
@@ -156,12 +154,15 @@ class Hub:
         Returns once jobs published from now on will reach it.
         """
         if self._task is None or self._task.done():
-            self._subscribed.clear()
-            self._task = asyncio.create_task(self._run())
+            # Reading the bus and writing to clients are two tasks, so that
+            # jobs arriving while clients are written to wait in the inbox,
+            # ready to go out together, rather than in the layer, one at a time.
+            self._inbox = asyncio.Queue(settings.FANOUT_BACKLOG)
+            self._task = asyncio.create_task(self._write(self._inbox))
         self.detach(client)
         self._filters[client] = job_filter
         self.groups.setdefault(job_filter, set()).add(client)
-        await self._subscribed.wait()
+        await bus.subscription().join(self)
 
     def detach(self, client: Client) -> None:
         job_filter = self._filters.pop(client, None)
@@ -172,6 +173,27 @@ class Hub:
             members.discard(client)
             if not members:
                 del self.groups[job_filter]
+
+    def stop(self) -> None:
+        """Stop hearing the bus and writing (tests: a hub of their own)."""
+        bus.subscription().leave(self)
+        if self._task is not None:
+            self._task.cancel()
+
+    def hear(self, news: bus.News) -> Awaitable[None] | None:
+        """Take the jobs the bus carries into the inbox (``jobs.bus.Listener``).
+
+        A full inbox holds the bus back: the jobs behind it wait in the layer.
+        What is lost (``news.unknown``), clients recover with ``since=``.
+        """
+        inbox = self._inbox
+        if inbox is None or not news.published:
+            return None
+        for index, job in enumerate(news.published):
+            if inbox.full():
+                return _put_all(inbox, news.published[index:])
+            inbox.put_nowait(job)
+        return None
 
     async def dispatch(self, jobs: list[dict[str, Any]]) -> None:
         """Write jobs to every client that wants them, each frame serialised once."""
@@ -201,56 +223,6 @@ class Hub:
                 if written % CLIENTS_PER_TURN == 0:
                     await asyncio.sleep(0)
 
-    async def _run(self) -> None:
-        # Reading the layer and writing to clients are two tasks, so that jobs
-        # arriving while clients are written to wait here, ready to go out
-        # together, rather than in the layer, one at a time.
-        inbox = self._inbox = asyncio.Queue(settings.FANOUT_BACKLOG)
-        writer = asyncio.create_task(self._write(inbox))
-        try:
-            await self._read(inbox)
-        finally:
-            writer.cancel()
-
-    async def _read(self, inbox: asyncio.Queue[dict[str, Any]]) -> None:
-        layer = get_channel_layer()
-        backoff = 0.1
-        while True:
-            try:
-                channel = await layer.new_channel()
-                await layer.group_add(groups.ALL_JOBS, channel)
-                self._subscribed.set()
-                backoff = 0.1
-                await self._receive(layer, channel, inbox)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                # Clients keep their sockets; what they miss meanwhile,
-                # they recover with since= (the channel layer is at-most-once).
-                logger.warning("fan-out lost the channel layer: %s", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-
-    async def _receive(
-        self, layer: Any, channel: str, inbox: asyncio.Queue[dict[str, Any]]
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        rejoin_at = loop.time() + REJOIN_SECONDS
-        while True:
-            try:
-                # Not wait_for(): it runs the receive as a task of its own,
-                # one turn of the loop per message, where this takes every
-                # message the layer already holds without a turn.
-                async with asyncio.timeout_at(rejoin_at):
-                    message = await layer.receive(channel)
-            except TimeoutError:
-                await layer.group_add(groups.ALL_JOBS, channel)
-                rejoin_at = loop.time() + REJOIN_SECONDS
-                continue
-            for job in groups.published_jobs(message):
-                # A full inbox leaves the jobs behind it in the layer.
-                await inbox.put(job)
-
     async def _write(self, inbox: asyncio.Queue[dict[str, Any]]) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -266,6 +238,13 @@ class Hub:
             busy = loop.time() - started
             if busy > PAUSE_AFTER_SECONDS:
                 await asyncio.sleep(busy)
+
+
+async def _put_all(
+    inbox: asyncio.Queue[dict[str, Any]], jobs: list[dict[str, Any]]
+) -> None:
+    for job in jobs:
+        await inbox.put(job)
 
 
 def _wants(job_filter: JobFilter, job: dict[str, Any]) -> bool:

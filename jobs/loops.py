@@ -1,8 +1,9 @@
 """What is kept once per event loop: a serving process runs one, tests many.
 
-Each event loop needs its own hub, wake-up signal, broadcaster and Redis
-client: their futures, tasks and connections belong to the loop that made
-them. ``PerLoop`` makes each on first use in a loop, and forgets it with the loop.
+Each event loop needs its own bus subscription and publisher, hub, wake-up
+signal and Redis client: their futures, tasks and connections belong to the
+loop that made them. ``PerLoop`` makes each on first use in a loop, and
+forgets it with the loop.
 """
 
 from __future__ import annotations

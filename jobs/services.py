@@ -14,25 +14,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Field
 from django.utils import timezone
 
-from jobs import groups, metrics, wakeups
+from jobs import bus, metrics, wakeups
 from jobs import logging as logs
 from jobs.db import in_db_thread
-from jobs.loops import PerLoop
 from jobs.models import Job
 from jobs.numbers import numbers_from_fields
 from jobs.payloads import JobDraft
 from jobs.queues import get_queue
 
 logger = logging.getLogger(__name__)
-
-# The most jobs in one channel-layer message (about 60 KB at typical sizes).
-MAX_JOBS_PER_MESSAGE = 100
 
 
 @dataclass(frozen=True)
@@ -47,7 +42,7 @@ async def publish(draft: JobDraft) -> Published:
     """Store and queue ``draft`` unless it is a duplicate, then broadcast it.
 
     Runs to its end even when the caller is cancelled (its client left, or
-    gave up waiting): a job stored is also announced and broadcast. Cut off in
+    gave up waiting): a job stored is also broadcast. Cut off in
     between, it would reach no connected client, and the client's retry,
     answered as a duplicate, would not send it either.
     """
@@ -65,10 +60,9 @@ async def _publish(draft: JobDraft) -> Published:
     if result.created:
         metrics.JOBS_PUBLISHED.inc()
         logger.info("published job %s as id %s", draft.job_id, result.job["id"])
-        # Both are best effort, the job being safely queued already (WebSocket
-        # clients recover a missed frame with ``since=``), and independent:
-        # with Redis each is a round trip, and they overlap.
-        await asyncio.gather(wakeups.announce(result.job), broadcast(result.job))
+        # Best effort, the job being safely queued already: WebSocket clients
+        # recover a missed frame with ``since=``, long-polls look again.
+        await broadcast(result.job)
     else:
         metrics.JOBS_DUPLICATES.inc()
     return result
@@ -81,73 +75,11 @@ def _log_failure(publishing: asyncio.Future[Published]) -> None:
 
 
 async def broadcast(job: dict[str, Any]) -> None:
-    """Send a job once to every process's fan-out (jobs.fanout).
+    """Send a job once to every process: its fan-out hub and its long-polls.
 
     Returns once the message holding it is sent (or could not be: logged).
     """
-    await _senders.get().send(job)
-
-
-class _Broadcaster:
-    """Sends published jobs to the channel layer, those that queue up together.
-
-    channels-redis's pub/sub layer sends one message at a time per shard (each
-    ``PUBLISH`` under a lock), so at 100 jobs a second on a busy event loop a
-    message per job queued for hundreds of milliseconds, holding up both the
-    ``POST`` and the frames (docs/benchmarks.md). One message is in flight at a
-    time; the jobs published meanwhile go out together in the next, oldest
-    first, as ``groups.published`` has it.
-    """
-
-    def __init__(self) -> None:
-        self._waiting: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def send(self, job: dict[str, Any]) -> None:
-        loop = asyncio.get_running_loop()
-        sent: asyncio.Future[None] = loop.create_future()
-        self._waiting.append((job, sent))
-        if self._task is None or self._task.done():
-            self._task = loop.create_task(self._send_waiting())
-        # A caller cancelled (its client gone) stops waiting; the job still goes.
-        await sent
-
-    async def _send_waiting(self) -> None:
-        layer = get_channel_layer()
-        try:
-            while self._waiting:
-                batch = self._waiting[:MAX_JOBS_PER_MESSAGE]
-                del self._waiting[: len(batch)]
-                try:
-                    await _send(layer, [job for job, _ in batch])
-                finally:
-                    _release(batch)
-        finally:
-            # Cancelled (the process is stopping): nobody waits for it.
-            _release(self._waiting)
-            self._waiting.clear()
-
-
-async def _send(layer: Any, jobs: list[dict[str, Any]]) -> None:
-    if layer is None:
-        return
-    try:
-        await layer.group_send(groups.ALL_JOBS, groups.published(jobs))
-    except Exception as exc:
-        logger.warning(
-            "could not broadcast jobs %s: %s",
-            ", ".join(str(job["id"]) for job in jobs),
-            exc,
-        )
-
-
-def _release(waiting: list[tuple[dict[str, Any], asyncio.Future[None]]]) -> None:
-    for _, sent in waiting:
-        if not sent.done():
-            sent.set_result(None)
-
-
-_senders: PerLoop[_Broadcaster] = PerLoop(_Broadcaster)
+    await bus.publish(job)
 
 
 @in_db_thread

@@ -94,6 +94,8 @@ async def next_job(request: HttpRequest) -> HttpResponse:
     queue = get_queue()
     claimer = request_ip(request)
     deadline = time.monotonic() + wait
+    if wait:
+        await wakeups.listen()  # before the first look: no publish falls between
     signal = wakeups.signal()
     woken: wakeups.Woken | None = None
     try:

@@ -1,8 +1,9 @@
 """Waking long-polls the moment a job is published, in every process.
 
-A publish fires this process's signal at once; with Redis it also publishes on
-a Redis channel that one listener task per process turns into the same local
-signal, so a ``GET /job/next?wait=`` held by another replica wakes too.
+Each process's one subscription to the bus (``jobs.bus``) hands every job
+published anywhere to this process's signal, as it hands it to the fan-out
+hub: a ``GET /job/next?wait=`` held by any replica wakes for a job posted to
+any other.
 
 A job wakes one unfiltered waiter, the one that has waited longest: one
 claim per job, not one per waiter (with 50 workers waiting, the other 49
@@ -10,31 +11,38 @@ would each look at the queue and find it empty). The wake-up names its job,
 and is passed on to the next waiter when the woken one leaves without
 looking (its client went away) or finds an older job first: the queue then
 held a job no wake-up told of, so it may hold more. Claims put back and
-restored announce themselves, and so does an operator's requeue.
+restored announce themselves over the bus, and so does an operator's requeue.
 
 Each wake-up carries the published job, so that a filtered long-poll
 (``where=``, docs/filters.md) tests it and keeps waiting, without touching the
-queue, when the job is not one it wants. A wake-up without a job (Redis was
-lost for a while, or an older process announced) wakes every waiter.
+queue, when the job is not one it wants. A wake-up without a job (the bus was
+joined, or joined again after a loss, or a requeue of several) wakes every
+waiter.
+
+The bus is at most once. So that a wake-up lost on the way strands no waiter
+until its ``wait=`` ends, a waiter looks at the queue again after
+``LONG_POLL_RELOOK_SECONDS`` without one (one look per waiter this often:
+its client's next long-poll would look anyway, after a ``wait=`` of up to 30 s).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import secrets
+from collections.abc import Awaitable
 from typing import Any, NamedTuple
 
 from django.conf import settings
 
-from jobs import redis_clients
+from jobs import bus
 from jobs.filters import JobFilter
 from jobs.loops import PerLoop
 
 logger = logging.getLogger(__name__)
 
-PUBLISHED_CHANNEL = "gateway:published"
+# How long a long-poll waits for this process to join the bus before it waits
+# without (the bus is away: a Redis outage).
+LISTEN_SECONDS = 2.0
 
 
 class Generation:
@@ -86,18 +94,20 @@ class Signal:
         self._current = Generation()
         # Unfiltered waiters, longest waiting first; each is woken on its own.
         self._idle: dict[asyncio.Future[Woken], None] = {}
-        self._listener: asyncio.Task[None] | None = None
-        # Set while the Redis listener is subscribed: publishes from other
-        # processes reach this one's waiters.
-        self.listening = asyncio.Event()
-        # Marks this signal's own Redis messages, which it has fired already.
-        self.origin = secrets.token_hex(8)
 
     def generation(self) -> Generation:
         """Take this before looking at the queue, then wait on it: no wake is missed."""
-        if settings.REDIS_URL and self._listener is None:
-            self._listener = asyncio.create_task(_listen(self))
         return self._current
+
+    def hear(self, news: bus.News) -> Awaitable[None] | None:
+        """Fire for each job the bus carries (``jobs.bus.Listener``)."""
+        for job in news.published:
+            self.fire(job)
+        if news.returned is not None:
+            self.fire(news.returned)
+        if news.unknown:
+            self.fire(None)
+        return None
 
     def fire(self, job: dict[str, Any] | None = None) -> None:
         """End the current generation with ``job`` (None: some job, unknown).
@@ -131,19 +141,29 @@ class Signal:
         """Wait for a publish after ``generation`` that ``job_filter`` may want.
 
         None on timeout. Jobs the filter does not match are passed over here,
-        in memory, so they cost a filtered waiter no look at the queue.
+        in memory, so they cost a filtered waiter no look at the queue. After
+        ``LONG_POLL_RELOOK_SECONDS`` with nothing heard, ``Woken(None)`` before the
+        timeout: the waiter looks at the queue, in case a wake-up was lost.
         """
         global _waiting
+        relook_after = settings.LONG_POLL_RELOOK_SECONDS
+        relook = timeout > relook_after
+        if relook:
+            timeout = relook_after
         _waiting += 1
         try:
             if job_filter is None or job_filter.is_empty:
                 if generation.next is not None:
                     # Published since the waiter looked: it looks again at once.
                     return Woken.by(generation.job)
-                return await self._idle_wait(timeout)
-            return await _filtered_wait(generation, timeout, job_filter)
+                woken = await self._idle_wait(timeout)
+            else:
+                woken = await _filtered_wait(generation, timeout, job_filter)
         finally:
             _waiting -= 1
+        if woken is None and relook:
+            return Woken(None)
+        return woken
 
     async def _idle_wait(self, timeout: float) -> Woken | None:
         future: asyncio.Future[Woken] = asyncio.get_running_loop().create_future()
@@ -169,7 +189,6 @@ def _woken(future: asyncio.Future[Woken]) -> Woken | None:
     return None
 
 
-# Copied from an operator's thread by announce_from_sync.
 _signals: PerLoop[Signal] = PerLoop(Signal)
 
 
@@ -203,82 +222,36 @@ def _may_want(job_filter: JobFilter, job: dict[str, Any] | None) -> bool:
     return job is None or job_filter.matches(job)  # None: some job, unknown
 
 
-async def announce(job: dict[str, Any] | None = None) -> None:
-    """Tell every process's waiters that ``job`` was published.
+async def listen() -> None:
+    """Have this process's waiters hear the bus; returns once they do.
 
-    Best effort, never raising: the job is queued already, and a waiter that
-    misses the news looks again when its wait ends.
+    A long-poll calls this before it takes its first generation, so that no
+    publish falls between. If the bus is away, it gives up after
+    ``LISTEN_SECONDS``: the waiter then relies on its re-looks, and on the
+    wake-up of everyone when the bus is joined.
     """
-    local = signal()
-    local.fire(job)
-    if settings.REDIS_URL:
-        message = json.dumps({"origin": local.origin, "job": job})
-        try:
-            await redis_clients.async_client().publish(PUBLISHED_CHANNEL, message)
-        except Exception as exc:
-            logger.warning("could not wake long-polls in other processes: %s", exc)
+    try:
+        async with asyncio.timeout(LISTEN_SECONDS):
+            await bus.subscription().join(signal())
+    except TimeoutError:
+        pass  # the subscription logs its trouble with the layer
+
+
+async def announce(job: dict[str, Any] | None = None) -> None:
+    """Tell every process's waiters that ``job`` is back in the queue.
+
+    None: some job, or several, not known which (every waiter looks). Jobs
+    published need no announcing: the bus carries them to the waiters as it
+    carries them to the WebSocket clients. Best effort, never raising: a
+    waiter that misses the news looks again soon (``LONG_POLL_RELOOK_SECONDS``).
+    """
+    await bus.send(bus.returned(job))
 
 
 def announce_from_sync() -> None:
     """From synchronous code (an operator's requeue): wake every waiter.
 
-    With Redis, every process's listener hears it, this one's included;
-    without, it is handed to each of this process's event loops. Best effort,
-    never raising, as ``announce``.
+    Sent over the bus as ``announce`` sends it (``jobs.bus.send_from_sync``).
+    Best effort, never raising, as ``announce``.
     """
-    if settings.REDIS_URL:
-        message = json.dumps({"origin": "sync", "job": None})
-        try:
-            redis_clients.sync_client().publish(PUBLISHED_CHANNEL, message)
-        except Exception as exc:
-            logger.warning("could not wake long-polls: %s", exc)
-        return
-    for loop, target in _signals.items():
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(target.fire)
-
-
-def _job_in(target: Signal, data: Any) -> tuple[bool, dict[str, Any] | None]:
-    """Whether a Redis message is news to ``target``, and the job it names."""
-    try:
-        message = json.loads(data)
-    except (TypeError, ValueError):
-        return True, None  # not ours to read: wake everyone, as before
-    if not isinstance(message, dict):
-        return True, None
-    if message.get("origin") == target.origin:
-        return False, None  # fired locally already, by announce()
-    job = message.get("job")
-    return True, job if isinstance(job, dict) else None
-
-
-async def _listen(target: Signal) -> None:
-    backoff = 0.1
-    task = asyncio.current_task()
-    while True:
-        try:
-            pubsub = redis_clients.async_client().pubsub()
-            await pubsub.subscribe(PUBLISHED_CHANNEL)
-            target.listening.set()
-            backoff = 0.1
-            while True:
-                # redis-py can swallow a cancellation that lands while it
-                # connects; without this check the task would never end.
-                if task is not None and task.cancelling():
-                    raise asyncio.CancelledError
-                message = await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=1.0
-                )
-                if message is not None:
-                    news, job = _job_in(target, message["data"])
-                    if news:
-                        target.fire(job)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            target.listening.clear()
-            logger.warning("long-poll wake-up listener lost Redis: %s", exc)
-            # Waiters may have missed a publish while we were away.
-            target.fire()
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+    bus.send_from_sync(bus.returned(None))

@@ -1,4 +1,4 @@
-"""The per-process fan-out hub (``jobs.fanout``) through the configured layer."""
+"""The per-process fan-out hub (``jobs.fanout``) on the bus (``jobs.bus``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from channels.layers import get_channel_layer
 
-from jobs import fanout, groups, services, wakeups
+from jobs import bus, fanout, services, wakeups
 from jobs.payloads import JobDraft
 
 # Far past the channel layers' default capacity of 100 messages per channel.
@@ -53,8 +53,7 @@ async def test_a_hub_behind_on_a_burst_loses_none_of_it() -> None:
         await asyncio.wait_for(client.all_arrived.wait(), 30)
         assert client.ids == list(range(1, BURST + 1))
     finally:
-        assert hub._task is not None
-        hub._task.cancel()
+        hub.stop()
 
 
 class Recorder:
@@ -129,15 +128,14 @@ async def test_jobs_published_while_a_message_is_in_flight_go_out_together(
         assert not any(task.done() for task in rest)
         release.set()
         await asyncio.wait_for(asyncio.gather(first, *rest), 10)
-        assert messages == [groups.published(jobs[:1]), groups.published(jobs[1:])]
+        assert messages == [bus.published(jobs[:1]), bus.published(jobs[1:])]
         assert messages[1]["type"] == "jobs.published"
         # The hub takes a message of several jobs apart, in order.
         while client.ids != [1, 2, 3, 4]:
             client.arrived.clear()
             await asyncio.wait_for(client.arrived.wait(), 10)
     finally:
-        assert hub._task is not None
-        hub._task.cancel()
+        hub.stop()
 
 
 async def test_a_broadcast_cut_off_by_shutdown_releases_its_callers(
@@ -155,7 +153,7 @@ async def test_a_broadcast_cut_off_by_shutdown_releases_its_callers(
     first = asyncio.create_task(services.broadcast({"id": 1, "channel": "api"}))
     await in_flight.wait()
     queued = asyncio.create_task(services.broadcast({"id": 2, "channel": "api"}))
-    sender = services._senders.get()  # the one the broadcasts above made
+    sender = bus._senders.get()  # the one the broadcasts above made
     assert sender._task is not None
     sender._task.cancel()
     # Both return: the one in flight and the one queued behind it.
@@ -167,20 +165,37 @@ async def test_a_broadcast_cut_off_by_shutdown_releases_its_callers(
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_announce_and_broadcast_overlap(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With Redis each is a round trip: the broadcast does not wait for the other."""
-    broadcasting = asyncio.Event()
+async def test_one_message_reaches_both_the_hub_and_the_long_polls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A publish sends one message; this process's one subscription hands the
+    job to its WebSocket clients and to its waiting long-polls."""
+    layer = get_channel_layer()
+    real_group_send = layer.group_send
+    sent: list[dict[str, object]] = []
 
-    async def announce(job: dict[str, object]) -> None:
-        await broadcasting.wait()  # sequential, this would never return
+    async def counted_group_send(group: str, message: dict[str, object]) -> None:
+        sent.append(message)
+        await real_group_send(group, message)
 
-    async def broadcast(job: dict[str, object]) -> None:
-        broadcasting.set()
-
-    monkeypatch.setattr(wakeups, "announce", announce)
-    monkeypatch.setattr(services, "broadcast", broadcast)
-    result = await asyncio.wait_for(services.publish(JobDraft(job_id="overlap")), 10)
-    assert result.created
+    monkeypatch.setattr(layer, "group_send", counted_group_send)
+    hub = fanout.Hub()
+    client = Recorder()
+    await hub.attach(client)
+    try:
+        await wakeups.listen()
+        signal = wakeups.signal()
+        waiter = asyncio.create_task(signal.wait(signal.generation(), 30))
+        result = await asyncio.wait_for(services.publish(JobDraft(job_id="both")), 10)
+        woken = await asyncio.wait_for(waiter, 10)
+        await asyncio.wait_for(client.arrived.wait(), 10)
+        assert woken == wakeups.Woken(result.job["id"])
+        assert client.ids == [result.job["id"]]
+        assert sent == [bus.published([result.job])]
+        # Both heard it through the one subscription of this process.
+        assert {hub, signal} <= set(bus.subscription().listeners)
+    finally:
+        hub.stop()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -191,7 +206,6 @@ async def test_a_stored_job_is_broadcast_even_if_its_caller_leaves(
     real_store = services._store
     stored = asyncio.Event()
     release = asyncio.Event()
-    announced: list[object] = []
     broadcast_done = asyncio.Event()
 
     async def slow_store(draft: JobDraft) -> services.Published:
@@ -200,19 +214,14 @@ async def test_a_stored_job_is_broadcast_even_if_its_caller_leaves(
         await release.wait()
         return result
 
-    async def announce(job: dict[str, object]) -> None:
-        announced.append(job["job_id"])
-
     async def broadcast(job: dict[str, object]) -> None:
         broadcast_done.set()
 
     monkeypatch.setattr(services, "_store", slow_store)
-    monkeypatch.setattr(wakeups, "announce", announce)
     monkeypatch.setattr(services, "broadcast", broadcast)
     await _publish_and_leave("left", once=stored)
     release.set()
     await asyncio.wait_for(broadcast_done.wait(), 10)
-    assert announced == ["left"]
     monkeypatch.setattr(services, "_store", real_store)
     retried = await services.publish(JobDraft(job_id="left"))
     assert not retried.created

@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import redis.asyncio
 from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
 from django.utils import timezone
 
-from jobs import queues, wakeups
+from jobs import bus, queues, wakeups
 from jobs.filters import parse_filter_query
 from jobs.models import Job
 from jobs.numbers import numbers_from_fields
@@ -164,33 +165,25 @@ async def test_a_wake_up_without_a_job_wakes_every_waiter() -> None:
     assert await signal.wait(generation, 5, None)
 
 
-def test_redis_messages_carry_the_job_and_skip_their_sender() -> None:
-    signal = wakeups.Signal()
+def test_bus_messages_carry_their_jobs_to_the_waiters() -> None:
     job = {"id": 1, "numbers": {"money": 1}}
-    mine = json.dumps({"origin": signal.origin, "job": job})
-    theirs = json.dumps({"origin": "elsewhere", "job": job})
-    assert wakeups._job_in(signal, mine) == (False, None)
-    assert wakeups._job_in(signal, theirs) == (True, job)
-    # An older process's bare "1": some job, unknown.
-    assert wakeups._job_in(signal, b"1") == (True, None)
-    assert wakeups._job_in(signal, b"not json") == (True, None)
+    assert bus.news_in(bus.published([job])) == bus.News([job])
+    assert bus.news_in(bus.published([job, job])) == bus.News([job, job])
+    assert bus.news_in(bus.returned(job)) == bus.News([], returned=job)
+    # Back in the queue, not known which: every waiter looks.
+    assert bus.news_in(bus.returned(None)) == bus.MISSED
+    assert bus.news_in({"type": "from.a.later.version"}) is None
 
 
-async def test_a_job_relayed_through_redis_reaches_filtered_waiters(
-    redis_queue: str,
-) -> None:
+async def test_a_job_relayed_over_the_bus_reaches_filtered_waiters() -> None:
+    await wakeups.listen()
     signal = wakeups.signal()
-    generation = signal.generation()  # starts this process's listener
-    publisher = redis.asyncio.Redis.from_url(redis_queue)
-    try:
-        # Another test's listener may be subscribed too: await this one's.
-        await asyncio.wait_for(signal.listening.wait(), 10)
-        for money in (1, 20_000_000):
-            message = {"origin": "replica-2", "job": {"numbers": {"money": money}}}
-            await publisher.publish(wakeups.PUBLISHED_CHANNEL, json.dumps(message))
-        assert await signal.wait(generation, 5, RICH)
-        assert generation.job == {"numbers": {"money": 1}}  # passed over first
-        assert generation.next is not None
-        assert generation.next.job == {"numbers": {"money": 20_000_000}}
-    finally:
-        await publisher.aclose()
+    generation = signal.generation()
+    layer = get_channel_layer()
+    # As another process's publish arrives: one message, two jobs.
+    jobs = [{"id": 1, "numbers": {"money": 1}}, {"id": 2, "numbers": {"money": 2e7}}]
+    await layer.group_send(bus.ALL_JOBS, bus.published(jobs))
+    assert await signal.wait(generation, 5, RICH) == wakeups.Woken(2)
+    assert generation.job == jobs[0]  # passed over first
+    assert generation.next is not None
+    assert generation.next.job == jobs[1]

@@ -1,19 +1,22 @@
 """A waiting ``GET /job/next?wait=`` is woken by the publish itself, not a timer.
 
 Through real daphne processes: one process, then two sharing Redis, the wait on
-one and the publish on the other.
+one and the publish on the other; and an operator's requeue in a process of its
+own. Every wake-up crosses the one bus (jobs.bus), the channel layer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
-from testkit.servers import DaphneProcess
+from testkit.servers import REPO_ROOT, DaphneProcess
 from tests.conftest import LiveGateway, process_env
 
 pytestmark = pytest.mark.processes
@@ -68,7 +71,8 @@ async def test_one_process(
 def two_replicas(
     transactional_db: None, redis_url: str
 ) -> Iterator[tuple[DaphneProcess, DaphneProcess]]:
-    env = process_env(REDIS_URL=redis_url)
+    # No re-look within a wait=: a long-poll answered 200 was woken by the bus.
+    env = process_env(REDIS_URL=redis_url, LONG_POLL_RELOOK_SECONDS="60")
     with DaphneProcess(env=env) as first, DaphneProcess(env=env) as second:
         yield first, second
 
@@ -81,6 +85,38 @@ async def test_two_processes_share_wake_ups(
     woke_after, job = await _wake_latency(first.base_url, second.base_url, sign)
     assert job["job_id"] == "wake-me"
     assert woke_after < WAKE_WITHIN_SECONDS
+
+
+async def test_a_requeue_in_another_process_wakes_a_long_poll(
+    two_replicas: tuple[DaphneProcess, DaphneProcess],
+    sign: Callable[[], dict[str, str]],
+    redis_url: str,
+) -> None:
+    first, second = two_replicas
+    async with (
+        httpx.AsyncClient(base_url=first.base_url, timeout=60) as waiter,
+        httpx.AsyncClient(base_url=second.base_url, timeout=60) as other,
+    ):
+        posted = await other.post("/job", json={"job_id": "again"}, headers=sign())
+        job_id = posted.json()["job"]["id"]
+        taken = await other.get("/job/next", headers=sign())
+        assert taken.json()["job"]["id"] == job_id
+        waiting = asyncio.create_task(waiter.get("/job/next?wait=30", headers=sign()))
+        await _wait_until_waiting(waiter, sign)
+        # The admin's action, from a process that serves nobody.
+        requeue = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "manage.py",
+            "shell",
+            "-c",
+            f"from jobs.services import requeue; assert requeue([{job_id}]) == 1",
+            cwd=REPO_ROOT,
+            env={**os.environ, **process_env(REDIS_URL=redis_url)},
+        )
+        assert await requeue.wait() == 0
+        answer = await waiting
+    assert answer.status_code == 200  # woken: no re-look in 60 s, no 204
+    assert answer.json()["job"]["id"] == job_id
 
 
 async def test_wait_times_out_empty(

@@ -34,6 +34,7 @@ class SlowQueue:
 
 
 async def test_cancelled_claim_releases_the_job_and_wakes_a_waiter() -> None:
+    await wakeups.listen()  # as a long-poll does: the release comes over the bus
     signal = wakeups.signal()
     waiter = asyncio.create_task(signal.wait(signal.generation(), 30))
     queue = SlowQueue()

@@ -18,7 +18,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pytest_django import Settings
 
-from jobs import groups
+from jobs import bus
 from jobs.models import Job
 from jobs.payloads import PayloadError, parse_job
 from tests.conftest import assert_error
@@ -146,13 +146,14 @@ async def broadcasts() -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
     layer = get_channel_layer()
     assert layer is not None
     channel = await layer.new_channel()
-    await layer.group_add(groups.ALL_JOBS, channel)
+    await layer.group_add(bus.ALL_JOBS, channel)
     received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def pump() -> None:
         while True:
             message = await layer.receive(channel)
-            for job in groups.published_jobs(message):
+            news = bus.news_in(message)
+            for job in [] if news is None else news.published:
                 await received.put(job)
 
     task = asyncio.create_task(pump())
@@ -160,7 +161,7 @@ async def broadcasts() -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
         yield received
     finally:
         task.cancel()
-        await layer.group_discard(groups.ALL_JOBS, channel)
+        await layer.group_discard(bus.ALL_JOBS, channel)
 
 
 async def next_broadcast(received: asyncio.Queue[dict[str, Any]]) -> dict[str, Any]:

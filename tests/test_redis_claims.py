@@ -70,6 +70,7 @@ async def test_a_claim_cut_off_before_its_record_is_put_back_first_in_line(
 async def test_a_claim_put_back_wakes_the_long_polls(redis_queue: str) -> None:
     await publish()
     await cut_off_claim(age=queues.CLAIM_TIMEOUT_SECONDS + 1)
+    await wakeups.listen()  # as a long-poll does: the put-back comes over the bus
     signal = wakeups.signal()
     generation = signal.generation()
     waiter = asyncio.create_task(signal.wait(generation, 30))

@@ -5,7 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from jobs import wakeups
+import pytest
+from channels.layers import get_channel_layer
+
+from jobs import bus, wakeups
+from jobs.filters import parse_filter_query
+
+RICH = parse_filter_query("where=money>=10M")
 
 
 async def _waiters(
@@ -96,10 +102,65 @@ async def test_wake_one_with_nobody_waiting_does_nothing() -> None:
     waiter.cancel()
 
 
-async def test_a_synchronous_announce_wakes_each_loop(settings: Any) -> None:
-    # Without Redis, an operator's requeue (a thread of its own) hands the
-    # wake-up to every event loop of the process (jobs.loops.PerLoop.items).
-    settings.REDIS_URL = ""
+async def test_a_synchronous_announce_wakes_each_loop() -> None:
+    # An operator's requeue, in a thread of its own: over the bus, sent from
+    # every loop of the process on the in-memory layer (its queues belong to
+    # their loop), from a loop of asgiref's on channels-redis.
+    await wakeups.listen()
     (waiter,) = await _waiters(wakeups.signal(), 1)
     await asyncio.to_thread(wakeups.announce_from_sync)
     assert await asyncio.wait_for(waiter, 10) == wakeups.Woken(None)
+
+
+async def test_an_announced_job_wakes_one_waiter_over_the_bus() -> None:
+    # A claim put back: one waiter looks, as for a publish.
+    await wakeups.listen()
+    first, second = await _waiters(wakeups.signal(), 2)
+    await wakeups.announce({"id": 5})
+    assert await asyncio.wait_for(first, 10) == wakeups.Woken(5)
+    done, _ = await asyncio.wait([second], timeout=0.05)
+    assert not done
+    second.cancel()
+
+
+async def test_a_waiter_hearing_nothing_looks_again_before_its_wait_ends(
+    settings: Any,
+) -> None:
+    # The bus is at most once: a lost wake-up costs a waiter a re-look, not
+    # its whole wait.
+    settings.LONG_POLL_RELOOK_SECONDS = 0.2
+    signal = wakeups.Signal()
+    generation = signal.generation()
+    filtered = asyncio.create_task(signal.wait(generation, 30, RICH))
+    woken = await asyncio.wait_for(signal.wait(generation, 30), 10)
+    assert woken == wakeups.Woken(None)
+    assert await asyncio.wait_for(filtered, 10) == wakeups.Woken(None)
+    # A wait shorter than that simply ends.
+    assert await signal.wait(generation, 0.1) is None
+
+
+async def test_joining_the_bus_again_after_a_loss_wakes_every_waiter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Whatever was published while the layer was away never arrives.
+    await wakeups.listen()
+    subscription = bus.subscription()
+    waiters = await _waiters(wakeups.signal(), 2)
+    layer = get_channel_layer()
+    real_receive = layer.receive
+    lost = asyncio.Event()
+
+    async def receive_once_lost(channel: str) -> dict[str, Any]:
+        if not lost.is_set():
+            lost.set()
+            raise ConnectionError("the layer went away")
+        message: dict[str, Any] = await real_receive(channel)
+        return message
+
+    monkeypatch.setattr(layer, "receive", receive_once_lost)
+    # The subscription is parked in a receive already: a message moves it on.
+    await layer.group_send(bus.ALL_JOBS, {"type": "from.a.later.version"})
+    woken = await asyncio.wait_for(asyncio.gather(*waiters), 10)
+    assert lost.is_set()
+    assert woken == [wakeups.Woken(None)] * 2
+    await asyncio.wait_for(subscription.subscribed.wait(), 10)
