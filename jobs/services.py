@@ -262,9 +262,13 @@ def requeue(pks: list[int]) -> int:
         job.status = Job.Status.QUEUED
         job.claimed_at = None
         job.claimed_by = None
+        job.lease_token = None  # a lease held on it is lost: lease_lost
+        job.lease_expires_at = None
         job.expires_at = timezone.now() + timedelta(seconds=settings.JOB_TTL_SECONDS)
+        fields = ["status", "claimed_at", "claimed_by", "expires_at"]
+        fields += ["lease_token", "lease_expires_at"]
         with transaction.atomic():
-            job.save(update_fields=["status", "claimed_at", "claimed_by", "expires_at"])
+            job.save(update_fields=fields)
             get_queue().enqueue(job)
         count += 1
     if count:
