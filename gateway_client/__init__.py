@@ -12,13 +12,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from gateway_client.client import GatewayClient, PublishResult
+    from gateway_client.client import GatewayClient, LeasedJob, PublishResult
     from gateway_client.errors import (
         AuthError,
         BadFilter,
         BadRequest,
         GatewayError,
         GatewayUnreachable,
+        LeaseLost,
         RateLimited,
         Unavailable,
     )
@@ -26,12 +27,14 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "GatewayClient": "gateway_client.client",
+    "LeasedJob": "gateway_client.client",
     "PublishResult": "gateway_client.client",
     "AuthError": "gateway_client.errors",
     "BadFilter": "gateway_client.errors",
     "BadRequest": "gateway_client.errors",
     "GatewayError": "gateway_client.errors",
     "GatewayUnreachable": "gateway_client.errors",
+    "LeaseLost": "gateway_client.errors",
     "RateLimited": "gateway_client.errors",
     "Unavailable": "gateway_client.errors",
     "JobFilter": "gateway_client.filters",
@@ -45,6 +48,8 @@ __all__ = [
     "GatewayError",
     "GatewayUnreachable",
     "JobFilter",
+    "LeaseLost",
+    "LeasedJob",
     "PublishResult",
     "RateLimited",
     "Unavailable",
