@@ -516,6 +516,13 @@ def table_write_blocked(pk: int) -> Iterator[None]:
     with psycopg.connect(url) as pg:
         pg.execute("SELECT id FROM jobs_job WHERE id = %s FOR UPDATE", [pk])
         yield
+        # A killed client's statement waiting for the lock would otherwise
+        # still run, in its server process, once the lock is gone.
+        pg.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND wait_event_type = 'Lock'"
+        )
         pg.rollback()
 
 
