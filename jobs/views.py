@@ -24,8 +24,6 @@ from jobs.ratelimits import check_rate_limit
 from jobs.responses import ApiError, json_response, require_method
 
 MAX_WAIT_SECONDS = 30
-# The largest body of an ack or a release: {"lease": "<token>"} and room.
-MAX_LEASE_BODY_BYTES = 1024
 # Job ids are 64-bit: a larger one in a path is no job, not a database error.
 MAX_JOB_PK = 2**63 - 1
 
@@ -267,24 +265,23 @@ def _lease_lost(pk: int) -> ApiError:
 
 
 def _lease_token(request: HttpRequest) -> str:
-    """The token of ``{"lease": "<token>"}``, the body of an ack or a release."""
+    """The token of ``{"lease": "<token>"}``, the body of an ack or a release.
+
+    Bodies are capped as ``POST /job``'s are, at ``MAX_JOB_BYTES``.
+    """
     if (request.content_type or "") != "application/json":
         raise ApiError(
             415, "unsupported_media_type", "The body must be application/json."
         )
     declared = request.META.get("CONTENT_LENGTH")
-    if declared and declared.isdigit() and int(declared) > MAX_LEASE_BODY_BYTES:
-        raise ApiError(
-            413, "too_large", f"The body is over {MAX_LEASE_BODY_BYTES} bytes."
-        )
+    if declared and declared.isdigit() and int(declared) > settings.MAX_JOB_BYTES:
+        raise _too_large()
     try:
         body = request.body
     except RequestDataTooBig:
-        body = b"x" * (MAX_LEASE_BODY_BYTES + 1)
-    if len(body) > MAX_LEASE_BODY_BYTES:
-        raise ApiError(
-            413, "too_large", f"The body is over {MAX_LEASE_BODY_BYTES} bytes."
-        )
+        raise _too_large() from None
+    if len(body) > settings.MAX_JOB_BYTES:
+        raise _too_large()
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
