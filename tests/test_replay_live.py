@@ -76,17 +76,18 @@ class Reconnecting:
         self.gateways = gateways
         self.received: list[int] = []
         self.connections = 0
-        self.newest: int | None = None
+        # The store holds this test's jobs only: since=0 from the first
+        # connection on, so that none published before it is expected live.
+        self.newest = 0
         self.out_of_order: list[tuple[int, int]] = []
 
     async def run(self, done: asyncio.Event) -> None:
         while not done.is_set():
             base = self.gateways[self.connections % len(self.gateways)]
             self.connections += 1
-            query = f"?batch=1&since={self.newest}" if self.newest else "?batch=1"
-            url = base + "/ws" + query
+            url = f"{base}/ws?batch=1&since={self.newest}"
             headers = {"X-API-KEY": API_KEY}
-            last_on_this_connection = self.newest or 0
+            last_on_this_connection = self.newest
             try:
                 async with connect(url, additional_headers=headers) as socket:
                     # Connected for a few hundred milliseconds, then dropped.
@@ -106,7 +107,7 @@ class Reconnecting:
                                     )
                                 last_on_this_connection = job["id"]
                                 self.received.append(job["id"])
-                                self.newest = max(self.newest or 0, job["id"])
+                                self.newest = max(self.newest, job["id"])
             except (TimeoutError, ConnectionClosed, OSError):
                 pass
 
