@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -280,3 +281,16 @@ async def test_a_redis_put_back_cut_off_after_the_table_is_pushed_later(
     again = await api.get("/job/next", headers=sign())
     assert again.json()["job"]["id"] == job["id"]
     assert json.loads(raw)["job"]["id"] == job["id"]
+
+
+async def test_metrics_list_the_lease_counters(
+    api: httpx.AsyncClient, sign: Sign
+) -> None:
+    job = await publish(api, sign)
+    token = (await lease(api, sign))["lease"]["token"]
+    await settle(api, sign, "ack", job["id"], token)
+    page = (await api.get("/metrics", headers=sign())).text
+    for name in ("granted", "acked", "released", "expired"):
+        assert f"gateway_leases_{name}_total" in page
+    acked = re.search(r"^gateway_leases_acked_total ([0-9.e+]+)$", page, re.M)
+    assert acked is not None and float(acked.group(1)) >= 1
