@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "1.0.0"
 
 if TYPE_CHECKING:
-    from gateway_client.client import GatewayClient, PublishResult
+    from gateway_client.client import GatewayClient, LeasedJob, PublishResult
     from gateway_client.errors import (
         AuthError,
         BadFilter,
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         CredentialError,
         GatewayError,
         GatewayUnreachable,
+        LeaseLost,
         RateLimited,
         Unavailable,
     )
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "GatewayClient": "gateway_client.client",
+    "LeasedJob": "gateway_client.client",
     "PublishResult": "gateway_client.client",
     "AuthError": "gateway_client.errors",
     "BadFilter": "gateway_client.errors",
@@ -37,6 +39,7 @@ _EXPORTS = {
     "CredentialError": "gateway_client.errors",
     "GatewayError": "gateway_client.errors",
     "GatewayUnreachable": "gateway_client.errors",
+    "LeaseLost": "gateway_client.errors",
     "RateLimited": "gateway_client.errors",
     "Unavailable": "gateway_client.errors",
     "JobFilter": "gateway_client.filters",
@@ -51,6 +54,8 @@ __all__ = [
     "GatewayError",
     "GatewayUnreachable",
     "JobFilter",
+    "LeaseLost",
+    "LeasedJob",
     "PublishResult",
     "RateLimited",
     "Unavailable",

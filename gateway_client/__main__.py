@@ -56,6 +56,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--tier", metavar="NAME", type=_tier, help="only jobs of this named tier"
     )
     parser.add_argument(
+        "--lease",
+        metavar="SECONDS",
+        type=_lease,
+        help="pull each job under a lease of SECONDS (1-300), acked once written: "
+        "a job this worker dies holding goes back to the queue",
+    )
+    parser.add_argument(
         "--since",
         metavar="ID",
         type=_job_id,
@@ -64,6 +71,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.ws and args.since is not None:
         parser.error("--since needs --ws")
+    if args.ws and args.lease is not None:
+        parser.error("--lease pulls: it cannot go with --ws")
     return args
 
 
@@ -80,6 +89,12 @@ def _clause(value: str) -> str:
         return JobFilter.of(where=value).where[0]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _lease(value: str) -> int:
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= 300):
+        raise argparse.ArgumentTypeError(f"must be 1 to 300 seconds, not {value!r}")
+    return int(value)
 
 
 def _tier(value: str) -> str:
@@ -99,7 +114,7 @@ def with_options(config: WorkerConfig, args: argparse.Namespace) -> WorkerConfig
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return dataclasses.replace(config, job_filter=job_filter)
+    return dataclasses.replace(config, job_filter=job_filter, lease=args.lease)
 
 
 def _job_id(value: str) -> int:

@@ -29,6 +29,25 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 
 
 @dataclass(frozen=True)
+class LeasedJob:
+    """A job held under a lease: ``ack`` it when done, ``release`` it to give it back.
+
+    ``expires_at`` is when the lease runs out (ISO 8601, UTC); the gateway then
+    puts the job back in the queue by itself.
+    """
+
+    job: dict[str, Any]
+    token: str
+    expires_at: str
+
+    @property
+    def id(self) -> int:
+        """The job's integer id, as ``ack`` and ``release`` name it."""
+        pk: int = self.job["id"]
+        return pk
+
+
+@dataclass(frozen=True)
 class PublishResult:
     """The answer to ``POST /job``: a new job (201) or the stored original (200)."""
 
@@ -206,6 +225,66 @@ class GatewayClient:
         if response.status_code != 200 or not isinstance(job, dict):
             raise _unexpected(response)
         return job
+
+    async def lease_job(
+        self,
+        seconds: int,
+        wait: float = 0,
+        *,
+        where: Sequence[str] | str | None = None,
+        channels: Sequence[str] | str | None = None,
+        tier: str | None = None,
+    ) -> LeasedJob | None:
+        """Claim the oldest job under a lease of ``seconds`` (1 to 300); None if none.
+
+        The job is this worker's until the lease runs out: ``ack`` it once it
+        is done, or ``release`` it to hand it back at the head of the queue.
+        Left alone, it goes back by itself when the lease ends. The filter and
+        ``wait`` are ``next_job``'s.
+        """
+        if not 1 <= seconds <= 300 or int(seconds) != seconds:
+            raise ValueError("seconds must be a whole number from 1 to 300")
+        params = JobFilter.of(where, channels, tier).params()
+        params.append(("lease", str(int(seconds))))
+        if wait:
+            params.append(("wait", f"{wait:g}"))
+        response = await self._request(
+            "GET", "/job/next", params=params, timeout=self.timeout + wait
+        )
+        if response.status_code == 204:
+            return None
+        body = _json_object(response)
+        job, lease = body.get("job"), body.get("lease")
+        if (
+            response.status_code != 200
+            or not isinstance(job, dict)
+            or not isinstance(lease, dict)
+            or not isinstance(lease.get("token"), str)
+            or not isinstance(lease.get("expires_at"), str)
+        ):
+            raise _unexpected(response)
+        return LeasedJob(job, lease["token"], lease["expires_at"])
+
+    async def ack(self, leased: LeasedJob) -> None:
+        """The leased job is done: it is never handed out again.
+
+        Raises ``LeaseLost`` if the lease ran out (or was used) first.
+        """
+        await self._settle(leased, "ack")
+
+    async def release(self, leased: LeasedJob) -> None:
+        """Give the leased job back, first in line for the next worker.
+
+        Raises ``LeaseLost`` if the lease ran out (or was used) first.
+        """
+        await self._settle(leased, "release")
+
+    async def _settle(self, leased: LeasedJob, how: str) -> None:
+        response = await self._request(
+            "POST", f"/job/{leased.id}/{how}", json={"lease": leased.token}
+        )
+        if response.status_code != 200:
+            raise _unexpected(response)
 
     async def publish(self, job: Mapping[str, Any]) -> PublishResult:
         """Publish one job; a duplicate is a success carrying the stored original."""

@@ -44,6 +44,8 @@ class WorkerConfig:
     log_level: str = "INFO"
     # Which jobs to ask for: WHERE, CHANNELS and TIER (docs/filters.md).
     job_filter: JobFilter = NO_FILTER
+    # --lease S: each job is leased for S seconds and acked once written.
+    lease: int | None = None
 
     @property
     def wait(self) -> float:

@@ -72,6 +72,13 @@ class BadFilter(BadRequest):
     """
 
 
+class LeaseLost(BadRequest):
+    """409 ``lease_lost``: the lease ran out, or was acked or released already.
+
+    The job is no longer this worker's: another may have it by now.
+    """
+
+
 class Unavailable(GatewayError):
     """5xx: the gateway or a service behind it is down; worth retrying."""
 
@@ -96,6 +103,8 @@ def error_from_response(response: httpx.Response) -> GatewayError:
         kind = RateLimited
     elif status == 400 and code == "bad_filter":
         kind = BadFilter
+    elif status == 409 and code == "lease_lost":
+        kind = LeaseLost
     elif 400 <= status < 500:
         kind = BadRequest
     elif status >= 500:

@@ -60,8 +60,9 @@ async def stream_jobs(
     ``retries`` consecutive failures raise the last one (0: never give up).
     """
     # Ids already yielded, so a replay after a reconnect repeats none of them.
-    # A job that committed after a newer one arrives late and is still
-    # yielded: losing it would be worse than yielding it out of order.
+    # The gateway sends jobs in id order (docs/realtime.md), so the newest id
+    # seen is where a reconnect resumes; a job arriving out of order from an
+    # older gateway is still yielded: losing it would be worse.
     seen: dict[int, None] = {}
     floor = -1 if since is None else since  # asked to start after this id
     resume = since

@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 from gateway_client.backoff import Backoff
-from gateway_client.client import GatewayClient
+from gateway_client.client import GatewayClient, LeasedJob
 from gateway_client.config import WorkerConfig
-from gateway_client.errors import AuthError, BadFilter, GatewayError
+from gateway_client.errors import AuthError, BadFilter, GatewayError, LeaseLost
 
 logger = logging.getLogger("gateway_client.worker")
 
@@ -90,13 +90,24 @@ class Worker:
         ``WorkerError``, as does the ``RETRIES``-th failure in a row.
         """
         started = self.clock()
+        leased: LeasedJob | None = None
         try:
-            job = await self.client.next_job(
-                wait=self.config.wait,
-                where=self.config.job_filter.where,
-                channels=self.config.job_filter.channels,
-                tier=self.config.job_filter.tier,
-            )
+            if self.config.lease is None:
+                job = await self.client.next_job(
+                    wait=self.config.wait,
+                    where=self.config.job_filter.where,
+                    channels=self.config.job_filter.channels,
+                    tier=self.config.job_filter.tier,
+                )
+            else:
+                leased = await self.client.lease_job(
+                    self.config.lease,
+                    wait=self.config.wait,
+                    where=self.config.job_filter.where,
+                    channels=self.config.job_filter.channels,
+                    tier=self.config.job_filter.tier,
+                )
+                job = None if leased is None else leased.job
         except GatewayError as exc:
             if not exc.retryable:
                 raise WorkerError(describe(exc)) from None
@@ -110,8 +121,37 @@ class Worker:
                 # the way that ignores wait=): pause rather than spin.
                 await self.sleep(self.config.initial_backoff)
             return None
-        self.emit(job)
+        if leased is None:
+            self.emit(job)
+            return job
+        try:
+            self.emit(job)
+        except OutputClosed:
+            # Not written: the next worker has it at once.
+            await self._finish(leased, self.client.release)
+            raise
+        await self._finish(leased, self.client.ack)
         return job
+
+    async def _finish(
+        self, leased: LeasedJob, how: Callable[[LeasedJob], Awaitable[None]]
+    ) -> None:
+        """Ack or release a lease; a failure only leaves it to run out."""
+        try:
+            await how(leased)
+        except LeaseLost:
+            logger.warning(
+                "the lease on job %s ran out before it was settled: "
+                "the gateway may hand it out again",
+                leased.id,
+            )
+        except GatewayError as exc:
+            logger.warning(
+                "could not settle the lease on job %s (%s): it goes back "
+                "to the queue when the lease ends",
+                leased.id,
+                exc,
+            )
 
     async def pull(self) -> None:
         """Run ``CONCURRENCY`` long-poll loops until ``stop``; raise if one fails."""

@@ -212,6 +212,11 @@ if QUEUE_BACKEND not in ("database", "redis") or (
         f"QUEUE_BACKEND must be database, or redis with REDIS_URL set; "
         f"not {QUEUE_BACKEND!r}."
     )
+# With the Redis queue: a claim taken from the list and not recorded in the
+# table within this many seconds (its process died) is put back at the head.
+CLAIM_TIMEOUT_SECONDS = config.number(
+    "CLAIM_TIMEOUT_SECONDS", 30.0, minimum=1.0, maximum=3600.0
+)
 
 # --- The gateway (contract section 6) -----------------------------------------
 

@@ -24,6 +24,8 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("job", views.post_job, name="post-job"),
     path("job/next", views.next_job, name="next-job"),
+    path("job/<int:pk>/ack", views.ack_job, name="ack-job"),
+    path("job/<int:pk>/release", views.release_job, name="release-job"),
     path("ws/ticket", views.ws_ticket, name="ws-ticket"),
     path("health", views.health, name="health"),
     path("healthz", views.healthz, name="healthz"),

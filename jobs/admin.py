@@ -26,6 +26,7 @@ class JobAdmin(admin.ModelAdmin[Job]):
         "shown_status",
         "age",
         "claimed_by",
+        "lease",
     ]
     list_filter = ["status", "source", "channel"]
     search_fields = ["=job_id", "=message_id"]
@@ -47,6 +48,8 @@ class JobAdmin(admin.ModelAdmin[Job]):
         "status",
         "claimed_at",
         "claimed_by",
+        "lease",
+        "lease_expires_at",
     ]
     exclude = ["fields"]
 
@@ -78,6 +81,17 @@ class JobAdmin(admin.ModelAdmin[Job]):
         # "2 hours", not "2 hours, 3 minutes": one short line in the list.
         return timesince(job.created_at, timezone.now(), depth=1)
 
+    @admin.display(description="lease", ordering="lease_expires_at")
+    def lease(self, job: Job) -> str:
+        """Who holds the job under a lease, and when the lease ends."""
+        if job.status != Job.Status.LEASED or job.lease_expires_at is None:
+            return "-"
+        now = timezone.now()
+        until = timezone.localtime(job.lease_expires_at).strftime("%H:%M:%S")
+        if job.lease_expires_at <= now:
+            return f"ran out at {until} (put back at the next sweep)"
+        return f"until {until} (in {timesince(now, job.lease_expires_at)})"
+
     @admin.display(description="fields")
     def readable_fields(self, job: Job) -> str:
         return format_html(
@@ -94,6 +108,9 @@ class JobAdmin(admin.ModelAdmin[Job]):
     @admin.action(description="Expire selected jobs")
     def expire(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
         count = queryset.exclude(status=Job.Status.EXPIRED).update(
-            status=Job.Status.EXPIRED, expires_at=timezone.now()
+            status=Job.Status.EXPIRED,
+            expires_at=timezone.now(),
+            lease_token=None,
+            lease_expires_at=None,
         )
         self.message_user(request, f"{count} job(s) expired.", messages.SUCCESS)

@@ -92,10 +92,10 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     attached: bool
     # Live jobs wait here until the replay is sent; then they flow directly.
     pending: list[fanout.Batch] | None
-    # Ids sent by the replay, so that their live frames are not sent twice. Ids
-    # are not a commit order (PostgreSQL hands them out before commit), so a
-    # live job older than the newest replayed one may still be new: hence a set
-    # rather than a high-water mark. At or below replay_floor: all replayed.
+    # Ids sent by the replay, so that their live frames are not sent twice.
+    # Ids are committed in order and the hub sends them in order, so a live
+    # job at or below the newest replayed one was replayed; the set keeps the
+    # check exact without relying on it. At or below replay_floor: all replayed.
     replayed: set[int]
     replay_floor: int
 

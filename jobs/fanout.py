@@ -29,10 +29,13 @@ from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from django.conf import settings
+from django.utils import timezone
 
 from jobs import bus, serving
+from jobs.db import in_db_thread
 from jobs.filters import JobFilter
 from jobs.loops import PerLoop
+from jobs.models import Job
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ CLIENTS_PER_TURN = 50
 # about half of the event loop, requests are served meanwhile, and the jobs
 # published during the pause go out together in the next round's frames.
 PAUSE_AFTER_SECONDS = 0.02
+# The most jobs read from the store to fill one gap in the live stream.
+MAX_FILL = 1000
 
 
 def job_frame(job: dict[str, Any]) -> str:
@@ -138,6 +143,11 @@ class Hub:
         self._filters: dict[Client, JobFilter] = {}
         self._task: asyncio.Task[None] | None = None
         self._inbox: asyncio.Queue[dict[str, Any]] | None = None
+        # Every job with an id up to this one has been dispatched (or was
+        # committed before the hub subscribed): the live stream goes out in
+        # id order, without gaps. None until the first subscription.
+        self.high: int | None = None
+        self._high_read: asyncio.Future[None] | None = None
 
     @property
     def clients(self) -> set[Client]:
@@ -163,6 +173,10 @@ class Hub:
         self._filters[client] = job_filter
         self.groups.setdefault(job_filter, set()).add(client)
         await bus.subscription().join(self)
+        if self._high_read is None:
+            # Once, and once subscribed: a job committed later is newer.
+            self._high_read = asyncio.ensure_future(self._read_high())
+        await asyncio.shield(self._high_read)
 
     def detach(self, client: Client) -> None:
         job_filter = self._filters.pop(client, None)
@@ -231,13 +245,67 @@ class Hub:
                 jobs.append(inbox.get_nowait())
             started = loop.time()
             try:
-                await self.dispatch(jobs)
+                ordered = await self.in_order(jobs)
+                for start in range(0, len(ordered), MAX_BATCH):
+                    await self.dispatch(ordered[start : start + MAX_BATCH])
             except Exception:
                 # The next jobs must still go out.
                 logger.exception("could not dispatch %d jobs", len(jobs))
             busy = loop.time() - started
             if busy > PAUSE_AFTER_SECONDS:
                 await asyncio.sleep(busy)
+
+    async def _read_high(self) -> None:
+        # Read once subscribed: a job committed later is newer than this.
+        # Jobs that went out meanwhile set it already, and higher.
+        try:
+            newest = await _newest_id()
+            if self.high is None:
+                self.high = newest
+        except Exception as exc:
+            # Clients are served all the same; the first jobs to come set it.
+            logger.warning("could not read the newest job id: %s", exc)
+
+    async def in_order(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The jobs not dispatched yet, oldest first, with any gap before them filled.
+
+        Ids are committed in their own order (jobs.services), so when a job
+        arrives, every smaller id that will ever exist is committed already:
+        one the channel layer has not brought yet (published by another
+        replica, or lost by the layer) is read from the store now, and
+        dropped when it arrives. A client is then never sent a job before an
+        older one, and ``since=`` the newest id it saw misses nothing.
+        """
+        high = self.high
+        fresh: dict[int, dict[str, Any]] = {}
+        for job in jobs:
+            if high is None or job["id"] > high:
+                fresh[job["id"]] = job
+        if not fresh:
+            return []
+        top = max(fresh)
+        if high is not None and len(fresh) < top - high:
+            try:
+                for job in await _committed_between(high, top):
+                    fresh.setdefault(job["id"], job)
+            except Exception as exc:
+                # Sent without them: a client that reconnects with since=
+                # an older id still gets them.
+                logger.warning("could not fill a gap in the live stream: %s", exc)
+        self.high = top
+        return [fresh[pk] for pk in sorted(fresh)]
+
+
+@in_db_thread
+def _newest_id() -> int:
+    return Job.objects.order_by("-id").values_list("id", flat=True).first() or 0
+
+
+@in_db_thread
+def _committed_between(low: int, high: int) -> list[dict[str, Any]]:
+    """The unexpired jobs with ids between ``low`` and ``high``, both excluded."""
+    jobs = Job.objects.filter(id__gt=low, id__lt=high, expires_at__gt=timezone.now())
+    return [job.to_wire() for job in jobs.order_by("id")[:MAX_FILL]]
 
 
 async def _put_all(

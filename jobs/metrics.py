@@ -17,6 +17,17 @@ JOBS_CLAIMED = Counter("gateway_jobs_claimed", "Jobs handed out by GET /job/next
 JOBS_EXPIRED = Counter(
     "gateway_jobs_expired", "Queued jobs the queue found past their expiry."
 )
+LEASES_GRANTED = Counter(
+    "gateway_leases_granted", "Jobs handed out under a lease (GET /job/next?lease=)."
+)
+LEASES_ACKED = Counter("gateway_leases_acked", "Leases acked: their jobs are done.")
+LEASES_RELEASED = Counter(
+    "gateway_leases_released", "Leases released: their jobs went back to the queue."
+)
+LEASES_EXPIRED = Counter(
+    "gateway_leases_expired",
+    "Leases that ran out: their jobs went back to the queue, or expired with them.",
+)
 WEBSOCKET_CLIENTS = Gauge(
     "gateway_websocket_clients",
     "Connected WebSocket clients.",

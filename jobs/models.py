@@ -15,6 +15,9 @@ class Job(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued"
         CLAIMED = "claimed"
+        # Held by a worker's lease (GET /job/next?lease=S) until it is acked
+        # (then claimed), released or runs out (then queued again, or expired).
+        LEASED = "leased"
         EXPIRED = "expired"
 
     job_id = models.CharField("job id", max_length=64)
@@ -44,6 +47,12 @@ class Job(models.Model):
     # When a WebSocket client first had the job, whether or not a claim came
     # first: with ``claimed_at``, the dashboard tells pushed, pulled and both.
     pushed_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # The lease a worker holds on a leased job (jobs.leases): its token and
+    # when it runs out (never after expires_at). Both empty in any other status.
+    lease_token = models.CharField(  # noqa: DJ001
+        max_length=64, null=True, blank=True, editable=False
+    )
+    lease_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-id"]
@@ -60,6 +69,12 @@ class Job(models.Model):
             models.Index(fields=["created_at"], name="job_created_idx"),
             models.Index(fields=["channel", "id"], name="job_channel_idx"),
             models.Index(fields=["status", "id"], name="job_status_idx"),
+            # The sweep for leases that ran out: leased jobs only.
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=models.Q(status="leased"),
+                name="job_lease_idx",
+            ),
         ]
 
     def __str__(self) -> str:

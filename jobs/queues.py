@@ -15,11 +15,14 @@ claim without a filter is the one-statement claim, unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
 from typing import Any, Protocol
@@ -44,10 +47,26 @@ QUEUE_KEY = "gateway:queue"
 # holds the job as queued. The table's conditional write keeps that exactly
 # once even if the first claim was only slow: whichever records first wins.
 CLAIMING_KEY = "gateway:claiming"
-CLAIM_TIMEOUT_SECONDS = 30.0
 RESTORE_EVERY_SECONDS = 5.0
 # Jobs a filtered claim reads at a time, from the table or the Redis list.
 SCAN_BATCH = 500
+
+
+def claim_timeout() -> float:
+    """Seconds before a Redis claim that never finished is put back."""
+    return float(settings.CLAIM_TIMEOUT_SECONDS)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lease asked for with a claim (jobs.leases): its token and its end.
+
+    ``until`` is the asked end; the table keeps the earlier of it and the
+    job's own expiry, so that a lease never outlives its job.
+    """
+
+    token: str
+    until: datetime
 
 
 class Queue(Protocol):
@@ -57,9 +76,15 @@ class Queue(Protocol):
         """Make a committed job claimable; raise if that failed."""
 
     async def claim(
-        self, claimer: str, job_filter: JobFilter | None = None
+        self,
+        claimer: str,
+        job_filter: JobFilter | None = None,
+        lease: Lease | None = None,
     ) -> dict[str, Any] | None:
-        """Hand the oldest unexpired job (that ``job_filter`` matches) or None."""
+        """Hand the oldest unexpired job (that ``job_filter`` matches) or None.
+
+        With ``lease`` the job is recorded as leased under it, not claimed.
+        """
 
     async def depth(self) -> int:
         """How many jobs wait (expired ones may be counted until swept)."""
@@ -78,13 +103,16 @@ class DatabaseQueue:
         pass
 
     async def claim(
-        self, claimer: str, job_filter: JobFilter | None = None
+        self,
+        claimer: str,
+        job_filter: JobFilter | None = None,
+        lease: Lease | None = None,
     ) -> dict[str, Any] | None:
         if not _maybe_queued():
             return None
         if job_filter is None or job_filter.is_empty:
-            return await _claim_from_table(claimer)
-        return await _claim_matching_from_table(claimer, job_filter)
+            return await _claim_from_table(claimer, lease)
+        return await _claim_matching_from_table(claimer, job_filter, lease)
 
     async def depth(self) -> int:
         return await _count_queued()
@@ -101,7 +129,7 @@ class DatabaseQueue:
 # had it earlier (jobs.deliveries).
 _CLAIM_SQL = """
 UPDATE jobs_job SET status = %s, claimed_at = %s, claimed_by = %s,
-    delivered_at = COALESCE(delivered_at, %s)
+    delivered_at = COALESCE(delivered_at, %s){lease}
 WHERE id = (
     SELECT id FROM jobs_job
     WHERE status = %s AND expires_at > %s
@@ -109,6 +137,20 @@ WHERE id = (
 )
 RETURNING *
 """
+# A leased claim also writes its lease, ending at the job's expiry at the latest.
+_LEASE_SET_SQL = """,
+    lease_token = %s,
+    lease_expires_at = CASE WHEN expires_at < %s THEN expires_at ELSE %s END"""
+
+
+def _lease_sql(lease: Lease | None) -> tuple[str, str, list[Any]]:
+    """The status, the SET clause and its parameters for a claim."""
+    if lease is None:
+        return Job.Status.CLAIMED, "", []
+    until = connection.ops.adapt_datetimefield_value(lease.until)
+    return Job.Status.LEASED, _LEASE_SET_SQL, [lease.token, until, until]
+
+
 # Written out: the ORM's exists() cost a third of a claim's CPU to build.
 _ANY_QUEUED_SQL = "SELECT 1 FROM jobs_job WHERE status = %s LIMIT 1"
 SWEEP_INTERVAL_SECONDS = 1.0
@@ -118,6 +160,16 @@ SWEEP_INTERVAL_SECONDS = 1.0
 # which sleeps for up to 100 ms between tries.
 _sqlite_writer = threading.Lock()
 _last_sweep = 0.0
+
+
+@contextlib.contextmanager
+def table_writer() -> Iterator[None]:
+    """Hold this process's SQLite writer mutex around a write (none elsewhere)."""
+    if connection.vendor == "sqlite":
+        with _sqlite_writer:
+            yield
+    else:
+        yield
 
 
 _peeks: dict[str, sqlite3.Connection] = {}
@@ -154,7 +206,7 @@ def _maybe_queued() -> bool:
 
 
 @in_db_thread
-def _claim_from_table(claimer: str) -> dict[str, Any] | None:
+def _claim_from_table(claimer: str, lease: Lease | None) -> dict[str, Any] | None:
     now = timezone.now()
     _sweep_now_and_then(now)
     if connection.vendor == "sqlite":
@@ -164,21 +216,26 @@ def _claim_from_table(claimer: str) -> dict[str, Any] | None:
             if cursor.fetchone() is None:
                 return None
         with _sqlite_writer:
-            return _claim_one(now, claimer, lock="")
-    return _claim_one(now, claimer, lock="FOR UPDATE SKIP LOCKED")
+            return _claim_one(now, claimer, "", lease)
+    return _claim_one(now, claimer, "FOR UPDATE SKIP LOCKED", lease)
 
 
-def _claim_one(now: datetime, claimer: str, lock: str) -> dict[str, Any] | None:
+def _claim_one(
+    now: datetime, claimer: str, lock: str, lease: Lease | None
+) -> dict[str, Any] | None:
+    status, lease_set, lease_params = _lease_sql(lease)
     params = [
-        Job.Status.CLAIMED,
+        status,
         now,
         claimer if claimer != "unknown" else None,
         now,
+        *lease_params,
         Job.Status.QUEUED,
         now,
     ]
+    sql = _CLAIM_SQL.format(lock=lock, lease=lease_set)
     with transaction.atomic():
-        claimed = list(Job.objects.raw(_CLAIM_SQL.format(lock=lock), params))
+        claimed = list(Job.objects.raw(sql, params))
     return claimed[0].to_wire() if claimed else None
 
 
@@ -187,7 +244,7 @@ def _claim_one(now: datetime, claimer: str, lock: str) -> dict[str, Any] | None:
 # move on at once (it would lose anyway) instead of waiting for its commit.
 _CLAIM_ONE_SQL = """
 UPDATE jobs_job SET status = %s, claimed_at = %s, claimed_by = %s,
-    delivered_at = COALESCE(delivered_at, %s)
+    delivered_at = COALESCE(delivered_at, %s){lease}
 WHERE id = (
     SELECT id FROM jobs_job
     WHERE id = %s AND status = %s AND expires_at > %s {lock}
@@ -201,7 +258,7 @@ _SCANNED_WITH_TEXT = (*_SCANNED, "title", "fields")
 
 @in_db_thread
 def _claim_matching_from_table(
-    claimer: str, job_filter: JobFilter
+    claimer: str, job_filter: JobFilter, lease: Lease | None
 ) -> dict[str, Any] | None:
     now = timezone.now()
     _sweep_now_and_then(now)
@@ -222,9 +279,9 @@ def _claim_matching_from_table(
                 continue
             if sqlite:
                 with _sqlite_writer:
-                    claimed = _claim_by_id(row["id"], now, claimer, lock)
+                    claimed = _claim_by_id(row["id"], now, claimer, lock, lease)
             else:
-                claimed = _claim_by_id(row["id"], now, claimer, lock)
+                claimed = _claim_by_id(row["id"], now, claimer, lock, lease)
             if claimed is not None:
                 return claimed
             # Another claimer took it since the read: the next match, then.
@@ -234,19 +291,22 @@ def _claim_matching_from_table(
 
 
 def _claim_by_id(
-    pk: int, now: datetime, claimer: str, lock: str
+    pk: int, now: datetime, claimer: str, lock: str, lease: Lease | None
 ) -> dict[str, Any] | None:
+    status, lease_set, lease_params = _lease_sql(lease)
     params = [
-        Job.Status.CLAIMED,
+        status,
         now,
         claimer if claimer != "unknown" else None,
         now,
+        *lease_params,
         pk,
         Job.Status.QUEUED,
         now,
     ]
+    sql = _CLAIM_ONE_SQL.format(lock=lock, lease=lease_set)
     with transaction.atomic():
-        claimed = list(Job.objects.raw(_CLAIM_ONE_SQL.format(lock=lock), params))
+        claimed = list(Job.objects.raw(sql, params))
     return claimed[0].to_wire() if claimed else None
 
 
@@ -308,7 +368,7 @@ end
 return 0
 """
 # Put a claim that never finished back at the head, unless someone else did.
-_RESTORE_LUA = """
+RESTORE_LUA = """
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then
   redis.call('LPUSH', KEYS[1], ARGV[1])
   return 1
@@ -330,12 +390,15 @@ class RedisQueue:
         redis_clients.sync_client().rpush(QUEUE_KEY, json.dumps(entry))
 
     async def claim(
-        self, claimer: str, job_filter: JobFilter | None = None
+        self,
+        claimer: str,
+        job_filter: JobFilter | None = None,
+        lease: Lease | None = None,
     ) -> dict[str, Any] | None:
         client = redis_clients.async_client()
         await self._restore_now_and_then(client)
         if job_filter is not None and not job_filter.is_empty:
-            return await self._claim_matching(claimer, job_filter)
+            return await self._claim_matching(claimer, job_filter, lease)
         pop = redis_clients.async_script(_POP_LUA)
         while True:
             raw: bytes | None = await pop(
@@ -343,15 +406,12 @@ class RedisQueue:
             )
             if raw is None:
                 return None
-            try:
-                job = await _settle(json.loads(raw), claimer)
-            finally:
-                await _claimed(client, raw)
+            job = await _settle_noted(client, raw, json.loads(raw), claimer, lease)
             if job is not None:
                 return job
 
     async def _claim_matching(
-        self, claimer: str, job_filter: JobFilter
+        self, claimer: str, job_filter: JobFilter, lease: Lease | None
     ) -> dict[str, Any] | None:
         """The oldest matching entry: read in pages, removed with LREM.
 
@@ -376,7 +436,9 @@ class RedisQueue:
                 if raw in seen:
                     continue
                 seen.add(raw)
-                job = await self._take_if_matching(client, raw, claimer, job_filter)
+                job = await self._take_if_matching(
+                    client, raw, claimer, job_filter, lease
+                )
                 if job is not None:
                     return job
             if len(page) < SCAN_BATCH:
@@ -384,7 +446,12 @@ class RedisQueue:
             anchors = page[: -SCAN_ANCHORS - 1 : -1]
 
     async def _take_if_matching(
-        self, client: Any, raw: bytes, claimer: str, job_filter: JobFilter
+        self,
+        client: Any,
+        raw: bytes,
+        claimer: str,
+        job_filter: JobFilter,
+        lease: Lease | None,
     ) -> dict[str, Any] | None:
         entry = json.loads(raw)
         expired = entry["expires"] <= time.time()
@@ -394,10 +461,7 @@ class RedisQueue:
         take = redis_clients.async_script(_TAKE_LUA)
         if not await take(keys=[QUEUE_KEY, CLAIMING_KEY], args=[time.time(), raw]):
             return None  # another claimer removed it first
-        try:
-            return await _settle(entry, claimer)
-        finally:
-            await _claimed(client, raw)
+        return await _settle_noted(client, raw, entry, claimer, lease)
 
     async def _restore_now_and_then(self, client: Any) -> None:
         now = time.monotonic()
@@ -420,13 +484,42 @@ class RedisQueue:
         await redis_clients.async_client().lpush(QUEUE_KEY, json.dumps(entry))
 
 
-async def _settle(entry: dict[str, Any], claimer: str) -> dict[str, Any] | None:
+async def _settle_noted(
+    client: Any,
+    raw: bytes,
+    entry: dict[str, Any],
+    claimer: str,
+    lease: Lease | None,
+) -> dict[str, Any] | None:
+    """Settle an entry taken with its note, then clear the note.
+
+    A lease the table could not record keeps its note: the entry is then put
+    back after the claim timeout, as a claim cut off would be.
+    """
+    settled = False
+    try:
+        job = await _settle(entry, claimer, lease)
+        settled = True
+    finally:
+        if settled or lease is None:
+            await _claimed(client, raw)
+    return job
+
+
+async def _settle(
+    entry: dict[str, Any], claimer: str, lease: Lease | None = None
+) -> dict[str, Any] | None:
     """Record a taken entry in the table: the job if it is the claimer's, else None."""
     job: dict[str, Any] = entry["job"]
     now = timezone.now()
     if entry["expires"] <= now.timestamp():
         await _record(job["id"], Job.Status.EXPIRED, None, None, now)
         metrics.JOBS_EXPIRED.inc()
+        return None
+    if lease is not None:
+        # A lease lives in the table or not at all: its write is not skipped.
+        if await _record_sync(job["id"], Job.Status.LEASED, now, claimer, now, lease):
+            return job
         return None
     if await _record(job["id"], Job.Status.CLAIMED, now, claimer, now):
         return job
@@ -445,9 +538,11 @@ async def _claimed(client: Any, raw: bytes) -> None:
 
 
 async def restore_unfinished_claims(
-    client: Any, older_than: float = CLAIM_TIMEOUT_SECONDS
+    client: Any, older_than: float | None = None
 ) -> int:
     """Put back claims taken from the list but never settled; how many."""
+    if older_than is None:
+        older_than = claim_timeout()
     stale: list[bytes] = await client.zrangebyscore(
         CLAIMING_KEY, "-inf", time.time() - older_than, start=0, num=SCAN_BATCH
     )
@@ -455,7 +550,7 @@ async def restore_unfinished_claims(
         return 0
     entries = {raw: json.loads(raw) for raw in stale}
     queued = await _still_queued([entry["job"]["id"] for entry in entries.values()])
-    restore = redis_clients.async_script(_RESTORE_LUA)
+    restore = redis_clients.async_script(RESTORE_LUA)
     restored = 0
     # Newest first onto the head, so that the oldest ends up first in line.
     for raw, entry in sorted(entries.items(), key=lambda item: -item[1]["job"]["id"]):
@@ -480,10 +575,14 @@ def _still_queued(pks: list[int]) -> set[int]:
 
 @in_db_thread
 def _unclaim(pk: int) -> None:
-    Job.objects.filter(pk=pk, status=Job.Status.CLAIMED).update(
+    Job.objects.filter(
+        pk=pk, status__in=[Job.Status.CLAIMED, Job.Status.LEASED]
+    ).update(
         status=Job.Status.QUEUED,
         claimed_at=None,
         claimed_by=None,
+        lease_token=None,
+        lease_expires_at=None,
         # Nobody had the job after all, unless a WebSocket client had it too.
         delivered_at=Case(
             When(delivered_at=F("claimed_at"), then=F("pushed_at")),
@@ -499,7 +598,7 @@ def _unclaim(pk: int) -> None:
 # NULL).
 _SETTLE_SQL = """
 UPDATE jobs_job SET status = %s, claimed_at = %s, claimed_by = %s,
-    delivered_at = COALESCE(delivered_at, %s)
+    delivered_at = COALESCE(delivered_at, %s){lease}
 WHERE id = %s AND status = %s {unexpired}
 """
 
@@ -511,22 +610,26 @@ def _record_sync(
     claimed_at: datetime | None,
     claimer: str | None,
     now: datetime,
+    lease: Lease | None = None,
 ) -> int:
     adapt = connection.ops.adapt_datetimefield_value
+    _, lease_set, lease_params = _lease_sql(lease)
     params = [
         status,
         adapt(claimed_at),
         claimer if claimer != "unknown" else None,
         adapt(claimed_at),
+        *lease_params,
         pk,
         Job.Status.QUEUED,
     ]
     unexpired = ""
-    if status == Job.Status.CLAIMED:
+    if status != Job.Status.EXPIRED:
         unexpired = "AND expires_at > %s"
         params.append(adapt(now))
+    sql = _SETTLE_SQL.format(unexpired=unexpired, lease=lease_set)
     with connection.cursor() as cursor:
-        cursor.execute(_SETTLE_SQL.format(unexpired=unexpired), params)
+        cursor.execute(sql, params)
         return int(cursor.rowcount)
 
 

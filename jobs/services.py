@@ -104,6 +104,7 @@ def _store(draft: JobDraft) -> Published:
                 expires_at=now
                 + timedelta(seconds=draft.ttl or settings.JOB_TTL_SECONDS),
             )
+            _take_the_next_id()
             _insert(job)
     except IntegrityError:
         # Another request stored the same message_id between our look and our
@@ -144,6 +145,27 @@ def _insert_statement() -> tuple[str, tuple[Field[Any, Any], ...]]:
         pk=quote(Job._meta.pk.column),
     )
     return sql, fields
+
+
+# Held from the insert to the commit, by one publisher at a time on every
+# replica: ids are then committed in their own order (jobs.fanout relies on it).
+# Two keys, so never the key space of the one-key locks on job_id hashes.
+_ID_ORDER_LOCK = "SELECT pg_advisory_xact_lock(1246709331, 1)"
+
+
+def _take_the_next_id() -> None:
+    """Make this transaction's id the next one committed, on PostgreSQL.
+
+    PostgreSQL hands out ids before commit, so without it a job could commit
+    after one with a larger id, and a client that saw the larger one could
+    miss the smaller on reconnecting with ``since=``. SQLite needs no lock:
+    its IMMEDIATE transaction already holds the one writer's lock from the
+    insert to the commit. Taken after the duplicate check, whose per-job_id
+    lock comes first in every transaction, so that the two never deadlock.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(_ID_ORDER_LOCK)
 
 
 def _insert(job: Job) -> None:
@@ -194,9 +216,13 @@ def requeue(pks: list[int]) -> int:
         job.status = Job.Status.QUEUED
         job.claimed_at = None
         job.claimed_by = None
+        job.lease_token = None  # a lease held on it is lost: lease_lost
+        job.lease_expires_at = None
         job.expires_at = timezone.now() + timedelta(seconds=settings.JOB_TTL_SECONDS)
+        fields = ["status", "claimed_at", "claimed_by", "expires_at"]
+        fields += ["lease_token", "lease_expires_at"]
         with transaction.atomic():
-            job.save(update_fields=["status", "claimed_at", "claimed_by", "expires_at"])
+            job.save(update_fields=fields)
             get_queue().enqueue(job)
         count += 1
     if count:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import Any
 
@@ -12,18 +14,20 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest, HttpResponse
 
-from jobs import deliveries, services, tickets, wakeups
+from jobs import deliveries, leases, metrics, services, tickets, wakeups
 from jobs.auth import authenticate, request_ip
 from jobs.filters import FilterError, JobFilter, requested_filter
 from jobs.health import health_report
 from jobs.payloads import PayloadError, parse_job
-from jobs.queues import Queue, get_queue
+from jobs.queues import Lease, Queue, get_queue
 from jobs.ratelimits import check_rate_limit
 from jobs.responses import ApiError, json_response, require_method
 
 MAX_WAIT_SECONDS = 30
+# Job ids are 64-bit: a larger one in a path is no job, not a database error.
+MAX_JOB_PK = 2**63 - 1
 
-View = Callable[[HttpRequest], Coroutine[Any, Any, HttpResponse]]
+View = Callable[..., Coroutine[Any, Any, HttpResponse]]
 
 
 def signed_endpoint(*methods: str) -> Callable[[View], View]:
@@ -31,12 +35,12 @@ def signed_endpoint(*methods: str) -> Callable[[View], View]:
 
     def decorate(view: View) -> View:
         @wraps(view)
-        async def wrapper(request: HttpRequest) -> HttpResponse:
+        async def wrapper(request: HttpRequest, **kwargs: Any) -> HttpResponse:
             try:
                 await authenticate(request)
                 await check_rate_limit(request, request_ip(request))
                 require_method(request, *methods)
-                return await view(request)
+                return await view(request, **kwargs)
             except ApiError as exc:
                 # Answered here: an exception leaving the view makes Django
                 # run the middleware's process_exception in its sync thread,
@@ -88,9 +92,12 @@ async def next_job(request: HttpRequest) -> HttpResponse:
 
     ``where=``, ``channels=`` and ``tier=`` (docs/filters.md) claim the oldest
     job that matches instead, and only a matching job ends the wait.
+    ``lease=S`` hands the job out under a lease of S seconds (jobs.leases).
     """
     wait = _wait_seconds(request.GET.get("wait"))
+    lease_seconds = _lease_seconds(request.GET.get("lease"))
     job_filter = _filter(request)
+    leases.keep_sweeping()
     queue = get_queue()
     claimer = request_ip(request)
     deadline = time.monotonic() + wait
@@ -101,12 +108,19 @@ async def next_job(request: HttpRequest) -> HttpResponse:
     try:
         while True:
             generation = signal.generation()
-            job = await _claim_or_release(queue, claimer, job_filter)
+            lease = _new_lease(lease_seconds)
+            job = await _claim_or_release(queue, claimer, job_filter, lease)
             if job is not None:
                 deliveries.claimed(job)
                 if woken is not None and woken.job_id == job["id"]:
                     woken = None  # it took the job it was woken for
-                return json_response({"job": job})
+                if lease is None:
+                    return json_response({"job": job})
+                metrics.LEASES_GRANTED.inc()
+                return json_response(
+                    {"job": job, "lease": _lease_wire(lease, job)},
+                    headers={"Cache-Control": "no-store"},
+                )
             woken = None  # the queue was empty: this wake-up ends here
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -133,14 +147,14 @@ def _filter(request: HttpRequest) -> JobFilter:
 
 
 async def _claim_or_release(
-    queue: Queue, claimer: str, job_filter: JobFilter
+    queue: Queue, claimer: str, job_filter: JobFilter, lease: Lease | None
 ) -> dict[str, Any] | None:
     """Claim a job; if this request is cancelled meanwhile, put the job back.
 
     The client left, or the server is stopping: the claim may still commit in
     its thread, and the answer carrying the job would then never be sent.
     """
-    claim = asyncio.ensure_future(queue.claim(claimer, job_filter))
+    claim = asyncio.ensure_future(queue.claim(claimer, job_filter, lease))
     try:
         return await asyncio.shield(claim)
     except asyncio.CancelledError:
@@ -157,6 +171,38 @@ def _empty() -> HttpResponse:
     return response
 
 
+def _lease_seconds(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 3) or not (
+        leases.MIN_LEASE_SECONDS <= int(raw) <= leases.MAX_LEASE_SECONDS
+    ):
+        raise ApiError(
+            400,
+            "bad_field",
+            f"lease must be a whole number of seconds from "
+            f"{leases.MIN_LEASE_SECONDS} to {leases.MAX_LEASE_SECONDS}.",
+        )
+    return int(raw)
+
+
+def _new_lease(seconds: int | None) -> Lease | None:
+    """A fresh lease for each claim: a token is never offered twice."""
+    if seconds is None:
+        return None
+    until = datetime.now(UTC) + timedelta(seconds=seconds)
+    return Lease(leases.new_token(), until)
+
+
+def _lease_wire(lease: Lease, job: dict[str, Any]) -> dict[str, str]:
+    """The lease as the worker receives it: ending with the job at the latest."""
+    expires = datetime.fromisoformat(job["expires_at"])
+    until = min(lease.until, expires)
+    text = until.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return {"token": lease.token, "expires_at": text}
+
+
 def _wait_seconds(raw: str | None) -> float:
     if raw is None or raw == "":
         return 0.0
@@ -169,6 +215,87 @@ def _wait_seconds(raw: str | None) -> float:
             400, "bad_field", f"wait must be a number from 0 to {MAX_WAIT_SECONDS}."
         )
     return wait
+
+
+@signed_endpoint("POST")
+async def ack_job(request: HttpRequest, pk: int) -> HttpResponse:
+    """Finish a leased job: it is never handed out again."""
+    token = _lease_token(request)
+    job_pk = _job_pk(pk)
+    leases.keep_sweeping()
+    try:
+        await leases.ack(job_pk, token)
+    except leases.UnknownJob:
+        raise _no_such_job(pk) from None
+    except leases.LeaseLost:
+        raise _lease_lost(pk) from None
+    return json_response({"acked": True, "id": job_pk})
+
+
+@signed_endpoint("POST")
+async def release_job(request: HttpRequest, pk: int) -> HttpResponse:
+    """Give a leased job back: at the head of the queue, at once."""
+    token = _lease_token(request)
+    job_pk = _job_pk(pk)
+    leases.keep_sweeping()
+    try:
+        await leases.release(job_pk, token)
+    except leases.UnknownJob:
+        raise _no_such_job(pk) from None
+    except leases.LeaseLost:
+        raise _lease_lost(pk) from None
+    return json_response({"released": True, "id": job_pk})
+
+
+def _job_pk(pk: int) -> int:
+    if pk > MAX_JOB_PK:
+        raise _no_such_job(pk)
+    return pk
+
+
+def _no_such_job(pk: int) -> ApiError:
+    return ApiError(404, "not_found", f"No job has the id {pk}.")
+
+
+def _lease_lost(pk: int) -> ApiError:
+    return ApiError(
+        409,
+        "lease_lost",
+        f"This lease on job {pk} is not held: unknown, run out, "
+        "or already acked or released.",
+    )
+
+
+def _lease_token(request: HttpRequest) -> str:
+    """The token of ``{"lease": "<token>"}``, the body of an ack or a release.
+
+    Bodies are capped as ``POST /job``'s are, at ``MAX_JOB_BYTES``.
+    """
+    if (request.content_type or "") != "application/json":
+        raise ApiError(
+            415, "unsupported_media_type", "The body must be application/json."
+        )
+    declared = request.META.get("CONTENT_LENGTH")
+    if declared and declared.isdigit() and int(declared) > settings.MAX_JOB_BYTES:
+        raise _too_large()
+    try:
+        body = request.body
+    except RequestDataTooBig:
+        raise _too_large() from None
+    if len(body) > settings.MAX_JOB_BYTES:
+        raise _too_large()
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "bad_json", "The body is not valid JSON.") from None
+    token = data.get("lease") if isinstance(data, dict) else None
+    if not isinstance(token, str) or not token or len(token) > leases.MAX_TOKEN_LENGTH:
+        raise ApiError(
+            400,
+            "bad_field",
+            'The body must be {"lease": "<token>"}, the token GET /job/next gave.',
+        )
+    return token
 
 
 @signed_endpoint("GET")

@@ -256,3 +256,31 @@ def test_expire_leaves_expired_jobs_alone(staff: Client) -> None:
     assert "0 job(s) expired" in act(staff, "expire", job)
     job.refresh_from_db()
     assert job.expires_at == expired_at
+
+
+# --- Leases -------------------------------------------------------------------
+
+
+def test_the_list_and_the_page_show_a_lease_and_when_it_ends(staff: Client) -> None:
+    posted = api("POST", "/job", json={"job_id": "held"}).json()["job"]
+    leased = api("GET", "/job/next?lease=120")
+    assert leased.status_code == 200, leased.text
+    ends = timezone.localtime(Job.objects.get(pk=posted["id"]).lease_expires_at)
+    shown = f"until {ends:%H:%M:%S}"
+    page = staff.get(CHANGELIST).content.decode()
+    assert shown in page and "Leased" in page
+    assert listed(staff, "?status__exact=leased") == ["held"]
+    detail = staff.get(f"{CHANGELIST}{posted['id']}/change/").content.decode()
+    assert shown in detail
+
+
+def test_requeue_ends_a_lease(staff: Client) -> None:
+    posted = api("POST", "/job", json={"job_id": "held"}).json()["job"]
+    token = api("GET", "/job/next?lease=120").json()["lease"]["token"]
+    assert "1 job(s) requeued" in act(
+        staff, "requeue", Job.objects.get(pk=posted["id"])
+    )
+    lost = api("POST", f"/job/{posted['id']}/ack", json={"lease": token})
+    assert lost.status_code == 409, lost.text
+    again = api("GET", "/job/next")
+    assert again.json()["job"]["id"] == posted["id"]

@@ -590,3 +590,14 @@ def test_the_suite_clears_every_setting_the_code_reads() -> None:
     set_by_the_stack |= {"TEST_SQLITE_FILE", "AUTH_FAILURE_DELAY_SECONDS"}
     assert "TIERS" in read  # the pattern finds the settings
     assert read - set_by_the_stack <= stack._SETTINGS_FROM_THE_SHELL
+
+
+@pytest.mark.processes
+def test_the_claim_timeout_is_a_setting() -> None:
+    script = "from django.conf import settings; print(settings.CLAIM_TIMEOUT_SECONDS)"
+    shell = [sys.executable, "manage.py", "shell", "-c", script]
+    assert run(shell).stdout.split()[-1] == "30.0"
+    assert run(shell, CLAIM_TIMEOUT_SECONDS="2.5").stdout.split()[-1] == "2.5"
+    refused = run([sys.executable, "manage.py", "check"], CLAIM_TIMEOUT_SECONDS="0")
+    assert refused.returncode != 0
+    assert "CLAIM_TIMEOUT_SECONDS must be at least 1.0, not 0.0" in refused.stderr

@@ -13,8 +13,10 @@ and started from a thread, so the clients keep running through the fault.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -33,9 +35,9 @@ from asgiref.sync import sync_to_async
 
 from gateway_client.signing import signed_headers
 from jobs.models import Job
-from jobs.queues import QUEUE_KEY
+from jobs.queues import CLAIMING_KEY, QUEUE_KEY
 from testkit.servers import REPO_ROOT, DaphneProcess, PostgresServer, RedisServer
-from tests.conftest import LiveGateway, process_env
+from tests.conftest import LiveGateway, database_url, process_env
 from tests.stack import API_KEY, HMAC_SECRET
 from tests.test_runpoller import (
     CHANNEL,
@@ -52,6 +54,10 @@ WORKERS = 3
 # Long polls short enough that a worker notices a stop quickly.
 WORKER_WAIT = 0.5
 STEP_DEADLINE = 20.0
+# The Redis queue's claim timeout in these tests: a claim cut off by a kill is
+# put back within the test (the claims look for them every 5 s).
+CLAIM_TIMEOUT = "2"
+PUT_BACK = "whose claim never finished"
 
 
 @pytest.fixture(autouse=True)
@@ -264,6 +270,35 @@ async def through_an_outage(
     await traffic.drained()
 
 
+async def drain_put_back(test: str, traffic: Traffic) -> None:
+    """Keep the workers pulling until no acknowledged job is left ``queued``."""
+    ids = sorted(traffic.acknowledged.values())
+
+    async def none_queued() -> bool:
+        return "queued" not in (await statuses(ids)).values()
+
+    took = await until(none_queued, "every cut-off claim put back", timeout=40)
+    traffic.empty_seen_by.clear()
+    await traffic.drained()
+    left = await statuses(ids)
+    cut_off = [pk for pk in ids if pk not in {job["id"] for job in traffic.received}]
+    report(
+        test,
+        f"no acknowledged job left queued {took:.1f} s after the drain; "
+        f"{len(cut_off)} not received (statuses: "
+        f"{sorted({left[pk] for pk in cut_off}) or '-'})",
+    )
+
+
+def put_back(gateway: DaphneProcess) -> int:
+    """How many jobs the gateway's claims put back, by its log."""
+    return sum(
+        int(line.split("put back ", 1)[1].split()[0])
+        for line in gateway.output().splitlines()
+        if PUT_BACK in line
+    )
+
+
 async def statuses(ids: list[int]) -> dict[int, str]:
     rows = await sync_to_async(
         lambda: dict(Job.objects.filter(pk__in=ids).values_list("pk", "status"))
@@ -321,7 +356,11 @@ async def test_redis_killed_and_restarted(
     transactional_db: None, aof_redis: RedisServer
 ) -> None:
     test = "redis fault"
-    env = process_env(REDIS_URL=aof_redis.url, QUEUE_BACKEND="redis")
+    env = process_env(
+        REDIS_URL=aof_redis.url,
+        QUEUE_BACKEND="redis",
+        CLAIM_TIMEOUT_SECONDS=CLAIM_TIMEOUT,
+    )
     with DaphneProcess(env=env) as gateway:
         traffic = Traffic(gateway.base_url, "redis")
         async with running(traffic) as client:
@@ -333,15 +372,18 @@ async def test_redis_killed_and_restarted(
                 aof_redis,
                 f"Redis on port {aof_redis.port} (append-only file replayed)",
             )
+            # A claim whose pop Redis persisted but whose reply died with it
+            # left its note: the job is put back after the claim timeout.
+            await drain_put_back(test, traffic)
         stranded = account(
             test,
             traffic,
             await statuses(sorted(traffic.acknowledged.values())),
-            # Redis popped it, its reply died with Redis: the table still
-            # says queued (put back by a claim 30 s later, after this test).
-            # Claimed if the kill came after the table's update.
-            stranded_as={"queued", "claimed"},
+            # Claimed if the kill came after the table's update; never
+            # queued: such a claim was put back and handed out.
+            stranded_as={"claimed"},
         )
+        report(test, f"{put_back(gateway)} claim(s) cut off by the kill put back")
         depth = await asyncio.to_thread(
             lambda: redis.Redis.from_url(aof_redis.url).llen(QUEUE_KEY)
         )
@@ -418,7 +460,9 @@ def drain_env(request: pytest.FixtureRequest, transactional_db: None) -> dict[st
     """A gateway environment per queue backend, on the test database."""
     if request.param == "redis":
         url: str = request.getfixturevalue("clean_redis")
-        return process_env(REDIS_URL=url, QUEUE_BACKEND="redis")
+        return process_env(
+            REDIS_URL=url, QUEUE_BACKEND="redis", CLAIM_TIMEOUT_SECONDS=CLAIM_TIMEOUT
+        )
     return process_env(REDIS_URL="", QUEUE_BACKEND="database")
 
 
@@ -442,16 +486,111 @@ async def test_daphne_killed_during_a_drain(drain_env: dict[str, str]) -> None:
             await asyncio.to_thread(gateway.start)
             report(test, f"restarted daphne on port {gateway.port}")
             await traffic.drained()
+            if backend == "redis":
+                # Popped by Redis before the table recorded the claim: put
+                # back after the claim timeout, and handed out then.
+                await drain_put_back(test, traffic)
+                report(test, f"{put_back(gateway)} cut-off claim(s) put back")
         assert len(traffic.received) > in_hand, "nothing drained after the restart"
     # A job leaves the queue (the claim commits, or Redis pops it) before its
-    # answer is written: one whose answer died with the process is never
-    # handed out again. The database queue shows it "claimed"; the Redis
-    # queue may have popped it before the table recorded the claim, so it
-    # shows "queued" while no longer in the queue. Either way the admin
-    # lists it and can requeue it.
-    allowed = {"claimed"} if backend == "database" else {"claimed", "queued"}
+    # answer is written: one whose answer died with the process after the
+    # table recorded its claim is never handed out again. It shows "claimed";
+    # the admin lists it and can requeue it.
     table = await statuses(sorted(traffic.acknowledged.values()))
-    account(test, traffic, table, stranded_as=allowed)
+    account(test, traffic, table, stranded_as={"claimed"})
+
+
+@contextlib.contextmanager
+def table_write_blocked(pk: int) -> Iterator[None]:
+    """Hold a lock that stops any other writer of job ``pk``'s row until the end."""
+    url = database_url()
+    if url.startswith("sqlite:///"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # the one writer's lock
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+        return
+    with psycopg.connect(url) as pg:
+        pg.execute("SELECT id FROM jobs_job WHERE id = %s FOR UPDATE", [pk])
+        yield
+        # A killed client's statement waiting for the lock would otherwise
+        # still run, in its server process, once the lock is gone.
+        pg.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND wait_event_type = 'Lock'"
+        )
+        pg.rollback()
+
+
+async def test_a_redis_claim_cut_off_by_a_kill_is_put_back(
+    transactional_db: None, clean_redis: str
+) -> None:
+    """The kill lands between Redis's pop and the table's record, every time.
+
+    The table's write of the claim is held up by a lock the test holds, so
+    the claim has popped the job and noted it when daphne is SIGKILLed. After
+    the restart, a claim puts it back once the claim timeout has passed, and
+    it is handed out once.
+    """
+    test = "redis claim cut off"
+    env = process_env(
+        REDIS_URL=clean_redis,
+        QUEUE_BACKEND="redis",
+        CLAIM_TIMEOUT_SECONDS=CLAIM_TIMEOUT,
+    )
+    store = redis.Redis.from_url(clean_redis)
+    with DaphneProcess(env=env) as gateway:
+        async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as client:
+            headers = signed_headers(API_KEY, HMAC_SECRET)
+            posted = await client.post(
+                "/job", json={"job_id": "cut-off"}, headers=headers
+            )
+            assert posted.status_code == 201, posted.text
+            pk = posted.json()["job"]["id"]
+            with table_write_blocked(pk):
+                claim = asyncio.create_task(
+                    client.get(
+                        "/job/next", headers=signed_headers(API_KEY, HMAC_SECRET)
+                    )
+                )
+                await until(lambda: store.zcard(CLAIMING_KEY) == 1, "the pop noted")
+                assert store.llen(QUEUE_KEY) == 0
+                await asyncio.to_thread(gateway.kill)
+                report(test, "SIGKILLed daphne between the pop and the table's record")
+            with pytest.raises(httpx.TransportError):
+                await claim
+            assert (await statuses([pk])) == {pk: "queued"}
+            await asyncio.to_thread(gateway.start)
+            got: list[dict[str, Any]] = []
+
+            async def handed_out() -> bool:
+                response = await client.get(
+                    "/job/next",
+                    params={"wait": 1},
+                    headers=signed_headers(API_KEY, HMAC_SECRET),
+                )
+                if response.status_code == 200:
+                    got.append(response.json()["job"])
+                return bool(got)
+
+            took = await until(handed_out, "the cut-off claim put back", timeout=40)
+            again = await client.get(
+                "/job/next", headers=signed_headers(API_KEY, HMAC_SECRET)
+            )
+            assert again.status_code == 204, again.text
+        assert put_back(gateway) == 1, "the log says no claim was put back"
+    assert [job["id"] for job in got] == [pk]
+    assert (await statuses([pk])) == {pk: "claimed"}
+    assert store.zcard(CLAIMING_KEY) == 0 and store.llen(QUEUE_KEY) == 0
+    report(
+        test,
+        f"put back and handed out once {took:.1f} s after the restart "
+        f"(claim timeout {CLAIM_TIMEOUT} s); the Redis list and notes empty",
+    )
 
 
 # --- The poller SIGKILLed mid-burst ------------------------------------------------

@@ -26,6 +26,8 @@ from gateway_client import (
     GatewayError,
     GatewayUnreachable,
     JobFilter,
+    LeasedJob,
+    LeaseLost,
     RateLimited,
     Unavailable,
     signing,
@@ -467,3 +469,55 @@ def test_the_package_does_not_import_django() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- Leases ----------------------------------------------------------------------
+
+
+async def test_a_lease_is_asked_for_acked_and_released_as_the_api_says() -> None:
+    seen: list[httpx.Request] = []
+    lease = {"token": "t" * 32, "expires_at": "2026-12-06T17:00:00.000Z"}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path == "/job/next":
+            return httpx.Response(200, json={"job": JOB, "lease": lease})
+        return httpx.Response(200, json={"acked": True, "id": 7})
+
+    async with client_for(answer) as client:
+        leased = await client.lease_job(60, wait=5, channels="api")
+        assert leased is not None
+        assert (leased.id, leased.job, leased.token) == (7, JOB, lease["token"])
+        assert leased.expires_at == lease["expires_at"]
+        await client.ack(leased)
+        await client.release(leased)
+    take, ack, release = seen
+    assert parse_qs(take.url.query.decode()) == {
+        "channels": ["api"],
+        "lease": ["60"],
+        "wait": ["5"],
+    }
+    assert (ack.method, ack.url.path) == ("POST", "/job/7/ack")
+    assert (release.method, release.url.path) == ("POST", "/job/7/release")
+    for call in (ack, release):
+        assert json.loads(call.content) == {"lease": lease["token"]}
+        assert call.headers["content-type"] == "application/json"
+        assert call.headers["x-signature-version"] == "2"
+
+
+async def test_lease_lost_and_an_empty_queue() -> None:
+    answers = iter([httpx.Response(204)])
+    async with client_for(lambda request: next(answers)) as client:
+        assert await client.lease_job(30) is None
+    async with client_for(error(409, "lease_lost")) as client:
+        with pytest.raises(LeaseLost) as lost:
+            await client.ack(LeasedJob(JOB, "t" * 32, "2026-12-06T17:00:00.000Z"))
+        assert isinstance(lost.value, BadRequest) and not lost.value.retryable
+        assert lost.value.status == 409
+
+
+@pytest.mark.parametrize("seconds", [0, 301, 1.5])
+async def test_a_lease_out_of_range_fails_before_any_request(seconds: Any) -> None:
+    async with client_for(lambda request: pytest.fail("sent")) as client:
+        with pytest.raises(ValueError, match="1 to 300"):
+            await client.lease_job(seconds)

@@ -23,7 +23,7 @@ class SlowQueue:
         self.released: list[dict[str, Any]] = []
 
     async def claim(
-        self, claimer: str, job_filter: JobFilter | None = None
+        self, claimer: str, job_filter: JobFilter | None = None, lease: Any = None
     ) -> dict[str, Any] | None:
         self.started.set()
         await self.finish.wait()
@@ -39,7 +39,7 @@ async def test_cancelled_claim_releases_the_job_and_wakes_a_waiter() -> None:
     waiter = asyncio.create_task(signal.wait(signal.generation(), 30))
     queue = SlowQueue()
     request = asyncio.create_task(
-        _claim_or_release(queue, "10.0.0.1", JobFilter())  # type: ignore[arg-type]
+        _claim_or_release(queue, "10.0.0.1", JobFilter(), None)  # type: ignore[arg-type]
     )
     await queue.started.wait()
     request.cancel()

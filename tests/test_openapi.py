@@ -36,7 +36,7 @@ from gateway_client.signing import (
     sign_v2,
     signed_headers,
 )
-from jobs import filters, payloads, views
+from jobs import filters, leases, payloads, views
 from jobs.schema import DOCUMENT
 from tests.conftest import LiveGateway
 from tests.stack import API_KEY, HMAC_SECRET
@@ -66,7 +66,8 @@ def _api_routes() -> set[str]:
         route = str(entry.pattern)
         if route.startswith("admin/") or route in ("", "<path:unknown>"):
             continue
-        routes.add("/" + route)
+        # Django's <int:pk> is OpenAPI's {id}, as the contract names it.
+        routes.add("/" + route.replace("<int:pk>", "{id}"))
     return routes
 
 
@@ -95,6 +96,13 @@ def test_limits_agree_with_the_code() -> None:
     parameters = {p["name"]: p for p in SPEC["paths"]["/job/next"]["get"]["parameters"]}
     assert parameters["wait"]["schema"]["maximum"] == views.MAX_WAIT_SECONDS
     assert parameters["where"]["schema"]["maxItems"] == filters.MAX_CLAUSES
+    lease = parameters["lease"]["schema"]
+    assert (lease["minimum"], lease["maximum"]) == (
+        leases.MIN_LEASE_SECONDS,
+        leases.MAX_LEASE_SECONDS,
+    )
+    token = SCHEMAS["LeaseToken"]["properties"]["lease"]
+    assert token["maxLength"] == leases.MAX_TOKEN_LENGTH
 
 
 def test_every_error_answer_has_the_contract_shape() -> None:
@@ -240,9 +248,11 @@ def _excluded(case: Case) -> list[schemathesis.CheckFunction]:
     ``GET /job/next``: a filter's meaning is beyond a schema. ``where=a>b!``
     has the documented shape but no number to compare with, and ``tier=x``
     names no tier configured here: both are (documented) 400s for data the
-    schema allows. Shape violations must still be refused, and are.
+    schema allows. Ack and release: a well-formed id and token are still a
+    404 or a 409 unless a lease is held on that job under that token.
+    Shape violations must still be refused, and are.
     """
-    if case.operation.path == "/job/next":
+    if case.operation.path in ("/job/next", "/job/{id}/ack", "/job/{id}/release"):
         return [positive_data_acceptance]
     return []
 

@@ -3,8 +3,8 @@
 A claim takes an entry from the Redis list and notes it in a sorted set in one
 atomic step, then records the claim in the table. A process that dies in
 between leaves the note behind; the next claim of any process puts the entry
-back once it is older than ``CLAIM_TIMEOUT_SECONDS`` and the table still holds
-the job as queued. Whichever claim records first wins; the other is skipped.
+back once it is older than the ``CLAIM_TIMEOUT_SECONDS`` setting and the table
+still holds the job as queued. Whichever claim records first wins; the other is skipped.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ async def test_a_claim_cut_off_before_its_record_is_put_back_first_in_line(
     redis_queue: str,
 ) -> None:
     stranded, later = await publish(), await publish()
-    await cut_off_claim(age=queues.CLAIM_TIMEOUT_SECONDS + 1)
+    await cut_off_claim(age=queues.claim_timeout() + 1)
     queue = queues.RedisQueue()
     first = await queue.claim("203.0.113.1")
     assert first is not None and first["id"] == stranded["id"]
@@ -69,7 +69,7 @@ async def test_a_claim_cut_off_before_its_record_is_put_back_first_in_line(
 
 async def test_a_claim_put_back_wakes_the_long_polls(redis_queue: str) -> None:
     await publish()
-    await cut_off_claim(age=queues.CLAIM_TIMEOUT_SECONDS + 1)
+    await cut_off_claim(age=queues.claim_timeout() + 1)
     await wakeups.listen()  # as a long-poll does: the put-back comes over the bus
     signal = wakeups.signal()
     generation = signal.generation()
@@ -93,7 +93,7 @@ async def test_a_claim_recorded_before_it_died_is_not_handed_out_again(
     redis_queue: str,
 ) -> None:
     job = await publish()
-    await cut_off_claim(age=queues.CLAIM_TIMEOUT_SECONDS + 1)
+    await cut_off_claim(age=queues.claim_timeout() + 1)
     # It died after the table's write, before clearing its note.
     now = timezone.now()
     assert await queues._record(job["id"], Job.Status.CLAIMED, now, "198.51.100.1", now)
@@ -105,7 +105,7 @@ async def test_a_slow_claim_racing_the_restore_hands_the_job_out_once(
     redis_queue: str,
 ) -> None:
     job = await publish()
-    raw = await cut_off_claim(age=queues.CLAIM_TIMEOUT_SECONDS + 1)
+    raw = await cut_off_claim(age=queues.claim_timeout() + 1)
     client = redis_clients.async_client()
     assert await queues.restore_unfinished_claims(client) == 1
     # The slow claim records after all, and hands the job out.
@@ -124,9 +124,11 @@ async def test_a_claim_notes_its_entry_until_the_table_has_it(
     settle = queues._settle
     noted: list[list[bytes]] = []
 
-    async def settle_noting(entry: dict[str, Any], claimer: str) -> Any:
+    async def settle_noting(
+        entry: dict[str, Any], claimer: str, lease: Any = None
+    ) -> Any:
         noted.append(await claiming())
-        return await settle(entry, claimer)
+        return await settle(entry, claimer, lease)
 
     monkeypatch.setattr(queues, "_settle", settle_noting)
     job_filter = parse_filter_query(query) if query else None

@@ -883,3 +883,60 @@ def test_a_gateway_that_requires_v2_takes_the_module_and_refuses_replays(
             },
         )
         assert old == "signature_v2_required"
+
+
+def test_lease_then_release_when_full_then_ack(
+    gateway_vm: LuauVM, live_gateway: Any
+) -> None:
+    first = publish_from_python(live_gateway, {"job_id": unique_job_id()}).json()["job"]
+    second = publish_from_python(live_gateway, {"job_id": unique_job_id()}).json()[
+        "job"
+    ]
+    (result,) = gateway_vm.run(
+        """
+        local ok, job, lease = gw:LeaseJob(60, 0)
+        assert(ok and job, tostring(job))
+        -- The server is full: give it back, first in line.
+        local released = gw:Release(job, lease)
+        local lostOk, lost = gw:Ack(job, lease)
+        local againOk, again, againLease = gw:LeaseJob(60)
+        local acked = gw:Ack(again, againLease)
+        local _, nextJob, nextLease = gw:LeaseJob(30, 1)
+        gw:Ack(nextJob, nextLease)
+        local emptyOk, empty = gw:LeaseJob(30)
+        local bad, badErr = gw:LeaseJob(0)
+        return {
+            first = job.id, token = lease.token, expires = lease.expires_at,
+            released = released, lostOk = lostOk == nil, lost = lost,
+            again = again.id, newToken = againLease.token ~= lease.token,
+            acked = acked, next = nextJob.id,
+            empty = emptyOk == true and empty == nil,
+            bad = bad == nil, badCode = badErr.code,
+        }
+        """
+    )
+    assert result["first"] == first["id"] and result["again"] == first["id"]
+    assert len(result["token"]) >= 32 and result["expires"].endswith("Z")
+    assert result["released"] is True and result["acked"] is True
+    assert result["lostOk"] is True
+    assert result["lost"]["code"] == "lease_lost" and result["lost"]["status"] == 409
+    assert result["newToken"] is True
+    assert result["next"] == second["id"]
+    assert result["empty"] is True
+    assert result["bad"] is True and result["badCode"] == "bad_argument"
+    release = next(
+        call for call in gateway_vm.requests if call.url.endswith("/release")
+    )
+    assert release.method == "POST"
+    assert release.url == f"{live_gateway.base_url}/job/{first['id']}/release"
+    assert json.loads(release.body or "") == {"lease": result["token"]}
+    verified = verify_request(
+        release.headers,
+        method="POST",
+        target=release.url.removeprefix(live_gateway.base_url),
+        body=(release.body or "").encode(),
+        api_keys=[live_gateway.api_key],
+        secrets=[live_gateway.hmac_secret],
+        require_v2=True,
+    )
+    assert verified.version == 2

@@ -159,6 +159,19 @@ def test_a_malformed_where_option_is_a_usage_error(
     assert "money per sec>=10M" in capsys.readouterr().err
 
 
+def test_the_lease_option_is_read_and_checked(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = WorkerConfig.from_env(ENV)
+    assert with_options(config, parse_args([])).lease is None
+    assert with_options(config, parse_args(["--lease", "60"])).lease == 60
+    for argv in (["--lease", "0"], ["--lease", "301"], ["--lease", "60", "--ws"]):
+        with pytest.raises(SystemExit) as caught:
+            main(argv, env=ENV)
+        assert caught.value.code == 2
+        assert "--lease" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("render", [repr, str])
 def test_the_config_never_shows_its_secrets(render: Callable[[Any], str]) -> None:
     env = {**ENV, "API_KEY": "key-7f3a9c", "HMAC_SECRET": "secret-51e2d8"}
