@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from jobs import groups, serving
+from jobs import groups
 from jobs.filters import JobFilter
 from jobs.loops import PerLoop
 
@@ -48,6 +48,21 @@ CLIENTS_PER_TURN = 50
 # about half of the event loop, requests are served meanwhile, and the jobs
 # published during the pause go out together in the next round's frames.
 PAUSE_AFTER_SECONDS = 0.02
+
+
+# The ASGI scope extension under which a server may offer a WebSocket consumer
+# a PreparedFrames (under daphne, gateway_project.server offers one).
+PREPARED_FRAMES = "gateway.prepared_frames"
+
+
+class PreparedFrames(Protocol):
+    """A server's way to frame a frame once and send that copy to many sockets."""
+
+    def prepare(self, frame: str) -> Any:
+        """``frame`` framed once, for any connection's ``send``."""
+
+    def send(self, prepared: Any) -> None:
+        """Send a frame ``prepare`` made on this connection."""
 
 
 def job_frame(job: dict[str, Any]) -> str:
@@ -111,12 +126,15 @@ class Batch:
             )
         return self._frame
 
-    def prepared(self, batched: bool) -> list[Any]:
-        """``[frame()]`` or ``frames()``, framed once for every client's socket."""
+    def prepared(self, batched: bool, server: PreparedFrames) -> list[Any]:
+        """``[frame()]`` or ``frames()``, framed once by ``server`` for every socket.
+
+        One process has one server: every client's ``server`` frames alike.
+        """
         prepared = self._prepared.get(batched)
         if prepared is None:
             frames = [self.frame()] if batched else self.frames()
-            prepared = self._prepared[batched] = [serving.prepare(f) for f in frames]
+            prepared = self._prepared[batched] = [server.prepare(f) for f in frames]
             if len(self.jobs) == 1:  # one frame either way
                 self._prepared[not batched] = prepared
         return prepared
