@@ -19,8 +19,7 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 from gateway_client import signing
-from jobs import deliveries, fanout, metrics, presence, tickets
-from jobs import logging as logs
+from jobs import deliveries, fanout, logs, metrics, presence, tickets
 from jobs.auth import client_ip, hold_refusal, remember_nonce, scope_target
 from jobs.db import in_db_thread
 from jobs.filters import MAX_CLAUSES, FilterError, JobFilter, requested_filter

@@ -29,9 +29,9 @@ from typing import Any, Protocol
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from jobs import groups
+from jobs import layer_messages
 from jobs.filters import JobFilter
-from jobs.loops import PerLoop
+from jobs.per_loop import PerLoop
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class Hub:
         while True:
             try:
                 channel = await layer.new_channel()
-                await layer.group_add(groups.ALL_JOBS, channel)
+                await layer.group_add(layer_messages.ALL_JOBS, channel)
                 self._subscribed.set()
                 backoff = 0.1
                 await self._receive(layer, channel, inbox)
@@ -262,10 +262,10 @@ class Hub:
                 async with asyncio.timeout_at(rejoin_at):
                     message = await layer.receive(channel)
             except TimeoutError:
-                await layer.group_add(groups.ALL_JOBS, channel)
+                await layer.group_add(layer_messages.ALL_JOBS, channel)
                 rejoin_at = loop.time() + REJOIN_SECONDS
                 continue
-            for job in groups.published_jobs(message):
+            for job in layer_messages.published_jobs(message):
                 # A full inbox leaves the jobs behind it in the layer.
                 await inbox.put(job)
 

@@ -20,13 +20,12 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Field
 from django.utils import timezone
 
-from jobs import groups, metrics, wakeups
-from jobs import logging as logs
+from jobs import layer_messages, logs, metrics, wakeups
 from jobs.db import in_db_thread
-from jobs.loops import PerLoop
 from jobs.models import Job
 from jobs.numbers import numbers_from_fields
 from jobs.payloads import JobDraft
+from jobs.per_loop import PerLoop
 from jobs.queues import get_queue
 
 logger = logging.getLogger(__name__)
@@ -96,7 +95,7 @@ class _Broadcaster:
     message per job queued for hundreds of milliseconds, holding up both the
     ``POST`` and the frames (docs/benchmarks.md). One message is in flight at a
     time; the jobs published meanwhile go out together in the next, oldest
-    first, as ``groups.published`` has it.
+    first, as ``layer_messages.published`` has it.
     """
 
     def __init__(self) -> None:
@@ -132,7 +131,7 @@ async def _send(layer: Any, jobs: list[dict[str, Any]]) -> None:
     if layer is None:
         return
     try:
-        await layer.group_send(groups.ALL_JOBS, groups.published(jobs))
+        await layer.group_send(layer_messages.ALL_JOBS, layer_messages.published(jobs))
     except Exception as exc:
         logger.warning(
             "could not broadcast jobs %s: %s",

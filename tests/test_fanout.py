@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from channels.layers import get_channel_layer
 
-from jobs import fanout, groups, services, wakeups
+from jobs import fanout, layer_messages, services, wakeups
 from jobs.payloads import JobDraft
 
 # Far past the channel layers' default capacity of 100 messages per channel.
@@ -129,7 +129,10 @@ async def test_jobs_published_while_a_message_is_in_flight_go_out_together(
         assert not any(task.done() for task in rest)
         release.set()
         await asyncio.wait_for(asyncio.gather(first, *rest), 10)
-        assert messages == [groups.published(jobs[:1]), groups.published(jobs[1:])]
+        assert messages == [
+            layer_messages.published(jobs[:1]),
+            layer_messages.published(jobs[1:]),
+        ]
         assert messages[1]["type"] == "jobs.published"
         # The hub takes a message of several jobs apart, in order.
         while client.ids != [1, 2, 3, 4]:

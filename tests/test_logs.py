@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway_client.signing import signed_headers
 from gateway_project.server.log_patches import defer_autobahn_debug_formatting
-from jobs.logging import (
+from jobs.logs import (
     ContextFilter,
     JsonFormatter,
     escaped,

@@ -18,7 +18,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pytest_django import Settings
 
-from jobs import groups
+from jobs import layer_messages
 from jobs.models import Job
 from jobs.payloads import PayloadError, parse_job
 from tests.conftest import assert_error
@@ -146,13 +146,13 @@ async def broadcasts() -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
     layer = get_channel_layer()
     assert layer is not None
     channel = await layer.new_channel()
-    await layer.group_add(groups.ALL_JOBS, channel)
+    await layer.group_add(layer_messages.ALL_JOBS, channel)
     received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     async def pump() -> None:
         while True:
             message = await layer.receive(channel)
-            for job in groups.published_jobs(message):
+            for job in layer_messages.published_jobs(message):
                 await received.put(job)
 
     task = asyncio.create_task(pump())
@@ -160,7 +160,7 @@ async def broadcasts() -> AsyncIterator[asyncio.Queue[dict[str, Any]]]:
         yield received
     finally:
         task.cancel()
-        await layer.group_discard(groups.ALL_JOBS, channel)
+        await layer.group_discard(layer_messages.ALL_JOBS, channel)
 
 
 async def next_broadcast(received: asyncio.Queue[dict[str, Any]]) -> dict[str, Any]:

@@ -98,7 +98,7 @@ async def test_wake_one_with_nobody_waiting_does_nothing() -> None:
 
 async def test_a_synchronous_announce_wakes_each_loop(settings: Any) -> None:
     # Without Redis, an operator's requeue (a thread of its own) hands the
-    # wake-up to every event loop of the process (jobs.loops.PerLoop.items).
+    # wake-up to every event loop of the process (jobs.per_loop.PerLoop.items).
     settings.REDIS_URL = ""
     (waiter,) = await _waiters(wakeups.signal(), 1)
     await asyncio.to_thread(wakeups.announce_from_sync)

@@ -130,7 +130,7 @@ def _names_used(function: Any) -> tuple[str, ...]:
 
 def _refuse(request: Any, limit: int | None) -> None:
     """Answer 413 on ``request``'s connection and close it, reading no more."""
-    from jobs import logging as logs
+    from jobs import logs
 
     request.refused_unread = True
     # Twisted would answer "Expect: 100-continue" right after this refusal.
@@ -157,7 +157,7 @@ def _refuse(request: Any, limit: int | None) -> None:
 
 
 def _log_refusal(request: Any, rid: str) -> None:
-    from jobs import logging as logs
+    from jobs import logs
     from jobs.auth import client_ip
 
     logs.request_id.set(rid)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from jobs.logging import escaped, redact_text
+from jobs.logs import escaped, redact_text
 
 
 def redact_daphne_access_log() -> None:
