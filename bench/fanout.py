@@ -2,6 +2,8 @@
 
     python -m bench.fanout --quick    # 1,000 clients, 1 round (about 2 min)
     python -m bench.fanout            # 100 and 1,000 clients, 2 rounds (< 5 min)
+    python -m bench.fanout --quick --no-baseline --configs embedded --without PATCH
+                                      # what one server patch earns
 
 N clients hold ``/ws`` open on one server while K jobs are published through
 signed ``POST /job`` at a steady rate. Each job carries its send time
@@ -54,6 +56,7 @@ from bench.common import (
 from bench.fanout_client import ClientPool, Expected, publish_jobs, tally
 from bench.fanout_proc import cpu_seconds, rss_kib, settle
 from bench.gateway import Gateway
+from gateway_project.server import LEAVE_OUT_VARIABLE
 from testkit.servers import LOOPBACK, RedisServer
 
 CONFIGS = ("embedded", "redis-pubsub", "redis")
@@ -215,6 +218,21 @@ def build_sides(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[S
                 False,
                 lambda side: Gateway(access_log=access_log),
                 compare_to="seed-memory" if seed else None,
+            )
+        )
+    if args.without:
+        # One patch of the server seam measured against every patch applied.
+        sides.append(
+            Side(
+                f"gateway-without-{args.without}",
+                "embedded",
+                f"gateway without {args.without}",
+                False,
+                lambda side: Gateway(
+                    access_log=access_log,
+                    extra_env={LEAVE_OUT_VARIABLE: args.without},
+                ),
+                compare_to="gateway-embedded",
             )
         )
     redis_configs = [c for c in ("redis-pubsub", "redis") if c in wanted]
@@ -833,6 +851,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=285.0,
         help="start a round only if, judging by the last one, it ends within "
         "this many seconds of the start (default 285)",
+    )
+    parser.add_argument(
+        "--without",
+        metavar="PATCH",
+        help="add the embedded gateway without server patch PATCH "
+        "(gateway_project/server), compared with the embedded gateway",
     )
     parser.add_argument("--json", type=Path, help="where to save every figure")
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
     python -m bench.http --quick      # 1 round, 1,000 jobs: 2-3 minutes
     python -m bench.http              # 3 rounds, 20,000 jobs: see below
     python -m bench.http --v2-before REF   # v2 rate, REF's gateway against this one
+    python -m bench.http --without PATCH   # what one server patch earns
 
 The full run's length is mostly the gateway publishing and draining 20,000 jobs
 per server: about 10 minutes at 250 jobs/s, 30 at 100 jobs/s; ``--jobs`` and
@@ -57,6 +58,7 @@ from bench.common import (
     wait_idle,
 )
 from bench.gateway import Gateway, PostgresDatabase
+from gateway_project.server import LEAVE_OUT_VARIABLE
 from testkit.servers import PostgresServer, RedisServer
 
 # Bounds on each phase, so that a stuck server cannot hold the run forever: a
@@ -149,6 +151,34 @@ def build_groups(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[
     seed = seed_factory(args)
     access_log: bool = args.access_log
     groups: list[Group] = []
+
+    if args.without:
+        # One patch of the server seam measured: the gateway with every patch
+        # is the baseline, the same gateway without that one is compared.
+        seed = None
+        without = {LEAVE_OUT_VARIABLE: args.without}
+        groups.append(
+            Group(
+                f"gateway without {args.without} / with every patch",
+                [
+                    Side(
+                        "gateway-sqlite",
+                        "gateway",
+                        "every patch",
+                        True,
+                        lambda: Gateway(access_log=access_log),
+                    ),
+                    Side(
+                        f"gateway-without-{args.without}",
+                        "gateway",
+                        f"without {args.without}",
+                        False,
+                        lambda: Gateway(access_log=access_log, extra_env=without),
+                    ),
+                ],
+            )
+        )
+        return groups
 
     if "memory" in args.modes:
         sides = []
@@ -637,6 +667,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "this checkout's (uses --rounds, --duration, --connections)",
     )
     add_baseline_arguments(parser)
+    parser.add_argument(
+        "--without",
+        metavar="PATCH",
+        help="instead of the seed, compare the gateway (SQLite) with every "
+        "server patch against the gateway without PATCH (gateway_project/server)",
+    )
     parser.add_argument("--json", type=Path, help="where to save every figure")
     args = parser.parse_args(argv)
     args.modes = {mode.strip() for mode in args.modes.split(",") if mode.strip()}

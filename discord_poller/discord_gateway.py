@@ -33,7 +33,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from discord_poller.client import DiscordError, Unauthorized
-from discord_poller.gateway_protocol import (
+from discord_poller.discord_gateway_protocol import (
     FATAL_CLOSE_CODES,
     INTENTS,
     NEW_SESSION_CLOSE_CODES,

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from discord_poller.client import DiscordClient
 from discord_poller.discord_gateway import DiscordGateway
-from discord_poller.gateway_protocol import GatewayInfo
+from discord_poller.discord_gateway_protocol import GatewayInfo
 from discord_poller.runner import Poller, Reader
 
 logger = logging.getLogger(__name__)

@@ -34,8 +34,8 @@ from discord_poller.client import (
     Unauthorized,
 )
 from discord_poller.cursor import Cursor, snowflake_ms
+from discord_poller.discord_gateway_protocol import GatewayFatal
 from discord_poller.embeds import parse_message
-from discord_poller.gateway_protocol import GatewayFatal
 from discord_poller.pacing import DEFAULT_BURST_SECONDS, Pace
 from discord_poller.publisher import PendingJob, Publisher
 from discord_poller.waits import run_until, wait_for_stop

@@ -11,7 +11,7 @@ from typing import Any, Final
 
 from discord_poller.client import DiscordClient, Unauthorized
 from discord_poller.config import PollerConfig
-from discord_poller.gateway_protocol import GatewayFatal
+from discord_poller.discord_gateway_protocol import GatewayFatal
 from discord_poller.listener import GatewayListener
 from discord_poller.publisher import Publisher
 from discord_poller.runner import Poller, Reader

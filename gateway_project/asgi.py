@@ -13,19 +13,13 @@ import sys
 from typing import Any
 from urllib.parse import unquote
 
+import django
 from django.conf import settings
 from django.core.asgi import get_asgi_application
 from django.core.exceptions import ImproperlyConfigured
 
+from gateway_project import server
 from gateway_project.config import exit_on_bad_settings
-from jobs.serving import (
-    ServerPatchError,
-    leave_form_bodies_to_the_application,
-    offer_prepared_frames,
-    refuse_large_bodies_unread,
-    send_responses_at_once,
-    write_frames_at_once,
-)
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "gateway_project.settings")
 
@@ -82,44 +76,29 @@ def body_limit(raw_path: bytes) -> int | None:
     return int(settings.MAX_JOB_BYTES)
 
 
-# A body over its limit is refused before it is read. A protection: on a
-# daphne or Twisted it was not written for, refuse to serve, in one line and
-# before Django's set-up, rather than serve unprotected.
+# The server seam (gateway_project/server): bodies over their limit refused
+# unread, daphne's access log redacted, and the speed patches that earn their
+# keep (docs/benchmarks.md). A protection that cannot be applied stops the
+# server here, in one line, rather than serve unprotected. Django's set-up
+# comes first, for the log lines of what is left out (LOGGING); its handler,
+# which may warn about a missing static folder, comes after.
+django.setup(set_prefix=False)
 try:
-    refuse_large_bodies_unread(body_limit)
-except ServerPatchError as exc:
+    server.apply(body_limit)
+except server.ServerPatchError as exc:
     sys.exit(f"Refusing to serve: {exc}.")
 
-# Django is set up next: consumers import models.
+# Consumers import models: Django's application is made first.
 django_application = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import path  # noqa: E402
 
 from jobs.consumers import JobConsumer  # noqa: E402
-from jobs.handlers import ApiHandler  # noqa: E402
-from jobs.logging import (  # noqa: E402
-    defer_autobahn_debug_formatting,
-    drop_twisted_request_log,
-    hint_at_ports_in_use,
-    redact_daphne_access_log,
-)
+from jobs.logs import hint_at_ports_in_use  # noqa: E402
 
-# daphne's own access log writes whole URIs, api_key included: redact it here,
-# which covers every daphne command line (docs/observability.md).
-redact_daphne_access_log()
-# Twisted's own request log would print them whole at daphne's -v 2.
-drop_twisted_request_log()
 # A port in use: daphne's one line also says how to pick another.
 hint_at_ports_in_use()
-# Spare every WebSocket connection and frame debug lines nobody reads, and
-# every POST a form parse nobody uses; send frames and responses without a
-# loop turn each; frame each job's frame once for all clients.
-defer_autobahn_debug_formatting()
-leave_form_bodies_to_the_application()
-write_frames_at_once()
-send_responses_at_once()
-offer_prepared_frames()
 
 
 def _http_router(api: Any, full_stack: Any) -> Any:
@@ -158,10 +137,12 @@ def collect_garbage_less_often() -> None:
 
 application = ProtocolTypeRouter(
     {
-        "http": _http_router(ApiHandler(), django_application),
+        "http": _http_router(server.api_application(), django_application),
         # No origin check: game clients send no Origin header, and the API key
         # (checked by the consumer before accepting) is what admits a client.
-        "websocket": URLRouter([path("ws", JobConsumer.as_asgi())]),
+        "websocket": URLRouter(
+            [path("ws", server.websocket_consumer(JobConsumer).as_asgi())]
+        ),
     }
 )
 

@@ -339,10 +339,10 @@ if LOG_FORMAT not in ("text", "json"):
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"context": {"()": "jobs.logging.ContextFilter"}},
+    "filters": {"context": {"()": "jobs.logs.ContextFilter"}},
     "formatters": {
-        "text": {"()": "jobs.logging.PlainFormatter"},
-        "json": {"()": "jobs.logging.JsonFormatter"},
+        "text": {"()": "jobs.logs.PlainFormatter"},
+        "json": {"()": "jobs.logs.JsonFormatter"},
     },
     "handlers": {
         "console": {

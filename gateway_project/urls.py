@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.contrib import admin
 from django.urls import path
 
-from jobs import dashboard, schema, scrape, views
+from jobs import dashboard, metrics_endpoint, schema, views
 
 # The admin index links to the dashboard. Set here rather than by overriding
 # admin/index.html: the admin app comes before ours, so its own template wins.
@@ -29,7 +29,7 @@ urlpatterns = [
     path("ws/ticket", views.ws_ticket, name="ws-ticket"),
     path("health", views.health, name="health"),
     path("healthz", views.healthz, name="healthz"),
-    path("metrics", scrape.metrics_view, name="metrics"),
+    path("metrics", metrics_endpoint.metrics_view, name="metrics"),
     path("openapi.json", schema.openapi_view, name="openapi"),
     # Everything else is the API's 404, in JSON, whatever DEBUG says.
     path("", views.not_found),

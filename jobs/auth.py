@@ -14,7 +14,7 @@ from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
 
 from gateway_client import signing
-from jobs import onetime
+from jobs import single_use
 from jobs.responses import ApiError
 
 # Characters a path may carry unescaped (RFC 3986 pchar and "/"), for the rare
@@ -134,7 +134,7 @@ async def remember_nonce(
     if verified.nonce is None:
         return
     lifetime = verified.nonce_lifetime(settings.TIMESTAMP_TOLERANCE)
-    if not await onetime.add("nonce:" + verified.nonce, "1", lifetime):
+    if not await single_use.add("nonce:" + verified.nonce, "1", lifetime):
         await hold_refusal(ip, at_most=at_most)
         raise ApiError(
             401, "replayed_nonce", "This X-NONCE was used already; sign afresh."

@@ -30,7 +30,7 @@ from typing import Any, Literal, NamedTuple, Protocol, TypedDict
 from asgiref.sync import async_to_sync
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 
-from jobs.loops import PerLoop
+from jobs.per_loop import PerLoop
 
 logger = logging.getLogger(__name__)
 

@@ -10,20 +10,16 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
 from typing import Any, Literal, TypedDict
 from urllib.parse import parse_qs
 
-from channels.consumer import get_handler_name
-from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.utils import timezone
 from redis.exceptions import RedisError
 
 from gateway_client import signing
-from jobs import deliveries, fanout, metrics, presence, serving, tickets
-from jobs import logging as logs
+from jobs import deliveries, fanout, logs, metrics, presence, tickets
 from jobs.auth import client_ip, hold_refusal, remember_nonce, scope_target
 from jobs.db import in_db_thread
 from jobs.filters import MAX_CLAUSES, FilterError, JobFilter, requested_filter
@@ -79,6 +75,8 @@ class HandshakeError(ValueError):
 class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     """One connected client: authorised before accept, then jobs as they come."""
 
+    # Served by gateway_project.server.websocket_consumer(): without Channels'
+    # hop to its sync thread on every message, where the server seam allows.
     # Jobs reach the consumer from its process's hub, never through a channel
     # of its own: without a layer, Channels opens none (on redis-pubsub, one
     # Redis subscription per connection, refused handshakes included).
@@ -86,8 +84,8 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
 
     job_filter: JobFilter  # empty: every job
     batched: bool  # several jobs may share a frame
-    # Under daphne, sends a frame framed once for every client (jobs.serving).
-    send_prepared: Callable[[Any], None] | None
+    # What the server offers to send one framed copy to every client, if any.
+    prepared_frames: fanout.PreparedFrames | None
     counted: bool
     attached: bool
     # Live jobs wait here until the replay is sent; then they flow directly.
@@ -99,23 +97,11 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
     replayed: set[int]
     replay_floor: int
 
-    async def dispatch(self, message: dict[str, Any]) -> None:
-        # Channels' own dispatch, less its aclose_old_connections(): a hop to
-        # the one thread that runs thread-sensitive code, for every handshake,
-        # frame and disconnect, to tidy that thread's database connections.
-        # This consumer's database work runs in jobs.db's worker threads,
-        # which check their own. The hop was about a sixth of a refused
-        # handshake's CPU, and queued every connect behind that one thread.
-        handler = getattr(self, get_handler_name(message), None)
-        if handler is None:
-            raise ValueError(f"No handler for message type {message['type']}")
-        await handler(message)
-
     async def connect(self) -> None:
         self.job_filter = JobFilter()
         self.batched = False
         extensions = self.scope.get("extensions") or {}
-        self.send_prepared = extensions.get(serving.PREPARED_FRAMES)
+        self.prepared_frames = extensions.get(fanout.PREPARED_FRAMES)
         self.counted = False
         self.attached = False
         self.pending = []
@@ -153,12 +139,6 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         if since is not None:
             await self._replay(since)
         await self._go_live()
-
-    async def websocket_disconnect(self, message: dict[str, Any]) -> None:
-        # Channels' own, less its aclose_old_connections() (see dispatch) and
-        # its loop over self.groups: this consumer joins no group of its own.
-        await self.disconnect(message["code"])
-        raise StopConsumer
 
     async def disconnect(self, code: int) -> None:
         # The count first: leaving a group can fail (Redis down), counting cannot.
@@ -219,9 +199,9 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         if len(jobs) < len(batch.jobs):
             for frame in self._frames(jobs):
                 await self.send(text_data=frame)
-        elif self.send_prepared is not None:  # the batch's frames, framed once
-            for message in batch.prepared(self.batched):
-                self.send_prepared(message)
+        elif self.prepared_frames is not None:  # the batch's frames, framed once
+            for prepared in batch.prepared(self.batched, self.prepared_frames):
+                self.prepared_frames.send(prepared)
         else:
             for frame in [batch.frame()] if self.batched else batch.frames():
                 await self.send(text_data=frame)

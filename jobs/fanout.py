@@ -31,11 +31,11 @@ from typing import Any, Protocol
 from django.conf import settings
 from django.utils import timezone
 
-from jobs import bus, serving
+from jobs import bus
 from jobs.db import in_db_thread
 from jobs.filters import JobFilter
-from jobs.loops import PerLoop
 from jobs.models import Job
+from jobs.per_loop import PerLoop
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,21 @@ CLIENTS_PER_TURN = 50
 PAUSE_AFTER_SECONDS = 0.02
 # The most jobs read from the store to fill one gap in the live stream.
 MAX_FILL = 1000
+
+
+# The ASGI scope extension under which a server may offer a WebSocket consumer
+# a PreparedFrames (under daphne, gateway_project.server offers one).
+PREPARED_FRAMES = "gateway.prepared_frames"
+
+
+class PreparedFrames(Protocol):
+    """A server's way to frame a frame once and send that copy to many sockets."""
+
+    def prepare(self, frame: str) -> Any:
+        """``frame`` framed once, for any connection's ``send``."""
+
+    def send(self, prepared: Any) -> None:
+        """Send a frame ``prepare`` made on this connection."""
 
 
 def job_frame(job: dict[str, Any]) -> str:
@@ -115,12 +130,15 @@ class Batch:
             )
         return self._frame
 
-    def prepared(self, batched: bool) -> list[Any]:
-        """``[frame()]`` or ``frames()``, framed once for every client's socket."""
+    def prepared(self, batched: bool, server: PreparedFrames) -> list[Any]:
+        """``[frame()]`` or ``frames()``, framed once by ``server`` for every socket.
+
+        One process has one server: every client's ``server`` frames alike.
+        """
         prepared = self._prepared.get(batched)
         if prepared is None:
             frames = [self.frame()] if batched else self.frames()
-            prepared = self._prepared[batched] = [serving.prepare(f) for f in frames]
+            prepared = self._prepared[batched] = [server.prepare(f) for f in frames]
             if len(self.jobs) == 1:  # one frame either way
                 self._prepared[not batched] = prepared
         return prepared

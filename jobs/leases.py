@@ -37,8 +37,8 @@ from django.utils import timezone
 
 from jobs import metrics, queues, redis_clients, wakeups
 from jobs.db import in_db_thread
-from jobs.loops import PerLoop
 from jobs.models import Job
+from jobs.per_loop import PerLoop
 
 logger = logging.getLogger(__name__)
 

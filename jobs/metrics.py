@@ -1,8 +1,8 @@
 """The gateway's Prometheus instruments; each update is a cheap local increment.
 
 With ``PROMETHEUS_MULTIPROC_DIR`` set, prometheus-client keeps every process's
-values in files in that directory and ``/metrics`` sums them (``jobs.scrape``);
-without it, they live in this process's memory.
+values in files in that directory and ``/metrics`` sums them
+(``jobs.metrics_endpoint``); without it, they live in this process's memory.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse
 from redis.exceptions import RedisError
 
-from jobs import logging as logs
+from jobs import logs
 from jobs.auth import request_ip
 from jobs.responses import ApiError, unavailable
 

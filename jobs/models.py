@@ -109,7 +109,7 @@ def _iso(moment: datetime) -> str:
 class SingleUse(models.Model):
     """A value good once within its lifetime: a v2 nonce or a WebSocket ticket.
 
-    The store of ``jobs.onetime`` when there is no Redis: the primary key makes
+    The store of ``jobs.single_use`` when there is no Redis: the primary key makes
     "first to ask wins" one statement, and rows are kept until they expire, so
     no traffic evicts them and a restart forgets none.
     """

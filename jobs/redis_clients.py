@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from redis.commands.core import AsyncScript
 
-from jobs.loops import PerLoop
+from jobs.per_loop import PerLoop
 
 # Seconds: fail fast when Redis is down, so callers can answer 503 quickly.
 CONNECT_TIMEOUT = 2

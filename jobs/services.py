@@ -19,8 +19,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import Field
 from django.utils import timezone
 
-from jobs import bus, metrics, wakeups
-from jobs import logging as logs
+from jobs import bus, logs, metrics, wakeups
 from jobs.db import in_db_thread
 from jobs.models import Job
 from jobs.numbers import numbers_from_fields

@@ -16,7 +16,7 @@ import time
 
 from django.conf import settings
 
-from jobs import onetime
+from jobs import single_use
 
 # token_urlsafe(32) gives 43 characters; anything much longer is not ours.
 TICKET_BYTES = 32
@@ -40,7 +40,7 @@ async def issue(now: float | None = None) -> tuple[str, int]:
     ticket = secrets.token_urlsafe(TICKET_BYTES)
     expires = (time.time() if now is None else now) + ttl
     # 256 random bits: a collision is not a case to handle.
-    await onetime.add(_key(ticket), repr(expires), ttl + _FORGET_AFTER)
+    await single_use.add(_key(ticket), repr(expires), ttl + _FORGET_AFTER)
     return ticket, ttl
 
 
@@ -52,7 +52,7 @@ async def redeem(ticket: str, now: float | None = None) -> None:
     """
     if not _TICKET_RE.fullmatch(ticket):
         raise TicketRefused("malformed ticket")
-    stored = await onetime.take(_key(ticket))
+    stored = await single_use.take(_key(ticket))
     if stored is None:
         raise TicketRefused("unknown or already used ticket")
     current = time.time() if now is None else now

@@ -36,7 +36,7 @@ from django.conf import settings
 
 from jobs import bus
 from jobs.filters import JobFilter
-from jobs.loops import PerLoop
+from jobs.per_loop import PerLoop
 
 logger = logging.getLogger(__name__)
 

@@ -113,7 +113,7 @@ def empty_redis(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(params=["database", "redis"])
 def store(request: pytest.FixtureRequest, settings: Any) -> str:
-    """Run the test on each store of single-use values (``jobs.onetime``).
+    """Run the test on each store of single-use values (``jobs.single_use``).
 
     ``database`` is the embedded default's; ``redis`` the one with ``REDIS_URL``.
     """

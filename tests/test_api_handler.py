@@ -11,7 +11,7 @@ import pytest
 from django.core.exceptions import RequestAborted
 from django.db.backends.base.base import BaseDatabaseWrapper
 
-from jobs.handlers import _unexpected_error
+from gateway_project.server.api_handler import _unexpected_error
 
 Sign = Callable[..., dict[str, str]]
 

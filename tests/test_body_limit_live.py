@@ -1,4 +1,4 @@
-"""Bodies over their limit are refused before they are read (jobs.serving).
+"""Bodies over their limit are refused before they are read (gateway_project.server).
 
 Through a real daphne, with a raw socket that keeps sending: the answer (or
 the close) must come long before the 200 MB the client means to send.
@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from gateway_client import signing
-from jobs import serving
+from gateway_project.server import daphne_patches
 from testkit.servers import LOOPBACK, REPO_ROOT, DaphneProcess
 from tests.conftest import process_env
 from tests.stack import API_KEY, HMAC_SECRET, STACK
@@ -246,13 +246,13 @@ def test_the_refusal_is_logged(gateway: DaphneProcess) -> None:
 def test_the_seam_checks_what_it_relies_on(monkeypatch: pytest.MonkeyPatch) -> None:
     from twisted.web import http
 
-    assert serving.body_limit_problems() == []
+    assert daphne_patches.body_limit_problems() == []
 
     def all_headers_received(self: http.HTTPChannel) -> None:
         pass  # a Twisted whose channel no longer calls gotLength
 
     monkeypatch.setattr(http.HTTPChannel, "allHeadersReceived", all_headers_received)
-    assert serving.body_limit_problems() == [
+    assert daphne_patches.body_limit_problems() == [
         "HTTPChannel.allHeadersReceived no longer uses ['gotLength']"
     ]
 
@@ -266,8 +266,8 @@ def test_another_release_stops_the_server_in_one_line(
 ) -> None:
     # What daphne does with the application's module: import it.
     code = (
-        "import jobs.serving as s; "
-        f"s.BODY_LIMIT_WRITTEN_FOR = {{**s.BODY_LIMIT_WRITTEN_FOR, **{series!r}}}; "
+        "import gateway_project.server as s; "
+        f"s.WRITTEN_FOR = {{**s.WRITTEN_FOR, **{series!r}}}; "
         "import gateway_project.asgi"
     )
     env = {

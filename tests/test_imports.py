@@ -1,4 +1,4 @@
-"""The benchmarks import nothing from the test suite.
+"""The benchmarks import nothing from the test suite; ``jobs`` no server library.
 
 ``bench/`` runs on its own (``python -m bench.X``); what it shares with the
 tests (the server starters, the fake Discord) lives in ``testkit/``, which
@@ -8,6 +8,9 @@ tests.fakes.discord`` in a child process is an import too), read from the
 source; then each bench module imported in a fresh interpreter in which
 ``tests`` cannot be imported, which also catches an import made at run time
 or through another package.
+
+What reaches into daphne, Twisted or autobahn lives in the server seam,
+``gateway_project/server``: no module of ``jobs/`` imports them.
 """
 
 from __future__ import annotations
@@ -101,3 +104,39 @@ def test_every_bench_module_imports_without_the_test_suite() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"imported {len(names)}"
+
+
+SERVER_LIBRARIES = ("daphne", "autobahn", "twisted")
+
+
+def _imported_modules(source: str) -> list[tuple[int, str]]:
+    """Each (line, module) an import statement of ``source`` names."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.lineno, node.module))
+    return sorted(found)
+
+
+def test_no_module_of_jobs_imports_a_server_library() -> None:
+    modules = _modules("jobs")
+    assert any(path.name == "consumers.py" for path in modules)
+    offending = [
+        f"{path.relative_to(REPO_ROOT)}:{line}: {name}"
+        for path in modules
+        for line, name in _imported_modules(path.read_text("utf-8"))
+        if name.split(".")[0].lower() in SERVER_LIBRARIES
+    ]
+    assert offending == []
+
+
+def test_the_seam_is_where_the_server_libraries_are_imported() -> None:
+    seam = _modules("gateway_project/server")
+    imported = {
+        name.split(".")[0].lower()
+        for path in seam
+        for _, name in _imported_modules(path.read_text("utf-8"))
+    }
+    assert set(SERVER_LIBRARIES) <= imported

@@ -14,7 +14,6 @@ import httpx
 import pytest
 
 from gateway_client import signing
-from jobs import serving
 from testkit.servers import LOOPBACK, DaphneProcess
 from tests.conftest import assert_error, process_env
 from tests.stack import STACK
@@ -103,7 +102,7 @@ def test_error_shapes(client: httpx.Client, sign: Sign) -> None:
 
     assert_error(post(b"{}", "text/plain"), 415, "unsupported_media_type")
     # A form body the server cannot parse is one more unsupported body: the
-    # server leaves form bodies to the application (jobs.serving).
+    # server leaves form bodies to the application (gateway_project.server).
     multipart = post(b"not a multipart body", "multipart/form-data; boundary=x")
     assert_error(multipart, 415, "unsupported_media_type")
     assert_error(post(b"{oops", "application/json"), 400, "bad_json")
@@ -131,7 +130,7 @@ def test_admin_login_page_and_its_styles(client: httpx.Client) -> None:
         assert css.content
 
 
-# --- Responses sent at once (jobs.serving) ----------------------------------------
+# --- Answers on the wire ---------------------------------------------------------
 
 
 def _raw_exchange(port: int, requests: bytes, *, receive_buffer: int = 0) -> bytes:
@@ -214,8 +213,8 @@ def test_large_responses_sent_in_parts_arrive_whole_in_order(
     transactional_db: None, sign: Sign
 ) -> None:
     # Two 2 MB jobs pulled at once over a small receive window. Django sends
-    # a body in 64 KB parts: all but the last go through Twisted's buffer,
-    # and the last, held, must go behind them, not ahead.
+    # a body in 64 KB parts: each answer arrives whole, the second after the
+    # first, however full Twisted's buffer gets.
     padding = {f"f{n}": "x" * 20_000 for n in range(100)}
     env = process_env(MAX_JOB_BYTES=str(4 * 1024 * 1024))
     with (
@@ -237,14 +236,3 @@ def test_large_responses_sent_in_parts_arrive_whole_in_order(
         for answer in _responses(received)
     ]
     assert pulled == [(200, job) for job in posted]
-
-
-def test_the_asgi_module_makes_daphne_send_responses_at_once() -> None:
-    from daphne.http_protocol import WebRequest
-
-    import gateway_project.asgi  # noqa: F401 (applies it)
-
-    handle_reply = WebRequest.handle_reply
-    assert getattr(handle_reply, "sends_at_once", False)
-    serving.send_responses_at_once()  # twice changes nothing
-    assert WebRequest.handle_reply is handle_reply

@@ -17,10 +17,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway_client.signing import signed_headers
-from jobs.logging import (
+from gateway_project.server.log_patches import defer_autobahn_debug_formatting
+from jobs.logs import (
     ContextFilter,
     JsonFormatter,
-    defer_autobahn_debug_formatting,
     escaped,
     new_request_id,
     redact_query,

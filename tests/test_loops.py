@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from jobs.loops import PerLoop
+from jobs.per_loop import PerLoop
 
 
 class Thing:

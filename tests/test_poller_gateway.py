@@ -24,7 +24,7 @@ from django.core.management import CommandError, call_command
 from discord_poller.client import DiscordClient
 from discord_poller.config import USER_AGENT
 from discord_poller.discord_gateway import RESUME_CLOSE_CODE, DiscordGateway
-from discord_poller.gateway_protocol import INTENTS, GatewayInfo
+from discord_poller.discord_gateway_protocol import INTENTS, GatewayInfo
 from discord_poller.models import PollerStatus
 from discord_poller.publisher import Publisher
 from discord_poller.runner import Poller

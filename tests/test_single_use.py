@@ -1,7 +1,7 @@
 """Nonces and tickets are kept for their whole window: no eviction, no restart forgets.
 
 The store is Redis with ``REDIS_URL`` and the database without it
-(``jobs.onetime``); both are checked here, and the embedded default through
+(``jobs.single_use``); both are checked here, and the embedded default through
 a real daphne process that is restarted between a request and its replay.
 """
 
@@ -21,7 +21,7 @@ from django.db import connection
 from pytest_django import Settings
 
 from gateway_client import signing
-from jobs import onetime, tickets
+from jobs import single_use, tickets
 from jobs.models import SingleUse
 from tests.conftest import LiveGateway, assert_error, database_url
 from tests.stack import API_KEY, HMAC_SECRET
@@ -33,15 +33,17 @@ MORE_THAN_AN_EVICTING_CACHE_HOLDS = 1_000
 
 
 async def test_a_value_is_kept_whatever_comes_after_it(store: str) -> None:
-    assert await onetime.add("nonce:first", "1", 60)
+    assert await single_use.add("nonce:first", "1", 60)
     for number in range(MORE_THAN_AN_EVICTING_CACHE_HOLDS):
-        assert await onetime.add(f"nonce:{number}", "1", 60)
-    assert not await onetime.add("nonce:first", "1", 60)
-    assert await onetime.take("nonce:first") == "1"
+        assert await single_use.add(f"nonce:{number}", "1", 60)
+    assert not await single_use.add("nonce:first", "1", 60)
+    assert await single_use.take("nonce:first") == "1"
 
 
 async def test_of_simultaneous_adds_exactly_one_wins(store: str) -> None:
-    won = await asyncio.gather(*(onetime.add("nonce:race", "1", 60) for _ in range(8)))
+    won = await asyncio.gather(
+        *(single_use.add("nonce:race", "1", 60) for _ in range(8))
+    )
     assert sorted(won) == [False] * 7 + [True]
 
 
@@ -61,16 +63,16 @@ async def test_the_database_store_expires_and_takes_over_on_time(
     settings.REDIS_URL = ""
     now = time.time()
     with time_machine.travel(now, tick=False):
-        assert await onetime.add("nonce:short", "1", 10)
-        assert await onetime.add("ticket:short", "t", 10)
+        assert await single_use.add("nonce:short", "1", 10)
+        assert await single_use.add("ticket:short", "t", 10)
     with time_machine.travel(now + 9.9, tick=False):
-        assert not await onetime.add("nonce:short", "1", 10)
+        assert not await single_use.add("nonce:short", "1", 10)
     with time_machine.travel(now + 10, tick=False):
         # Its time is up: the key is free again, and what it held is gone.
-        assert await onetime.take("ticket:short") is None
-        assert await onetime.add("nonce:short", "1", 10)
+        assert await single_use.take("ticket:short") is None
+        assert await single_use.add("nonce:short", "1", 10)
     with time_machine.travel(now + 19.9, tick=False):
-        assert not await onetime.add("nonce:short", "1", 10)
+        assert not await single_use.add("nonce:short", "1", 10)
 
 
 async def test_the_database_store_prunes_what_expired(settings: Settings) -> None:
@@ -78,9 +80,9 @@ async def test_the_database_store_prunes_what_expired(settings: Settings) -> Non
     now = time.time()
     with time_machine.travel(now, tick=False):
         for number in range(5):
-            assert await onetime.add(f"nonce:{number}", "1", 10)
-    with time_machine.travel(now + onetime.PRUNE_EVERY_SECONDS + 11, tick=False):
-        assert await onetime.add("nonce:new", "1", 10)
+            assert await single_use.add(f"nonce:{number}", "1", 10)
+    with time_machine.travel(now + single_use.PRUNE_EVERY_SECONDS + 11, tick=False):
+        assert await single_use.add("nonce:new", "1", 10)
     keys = [key async for key in SingleUse.objects.values_list("key", flat=True)]
     assert keys == ["nonce:new"]
 
@@ -113,13 +115,13 @@ def another_writer_holds(key: str) -> Iterator[None]:
 async def test_a_busy_database_never_blocks_the_event_loop(settings: Settings) -> None:
     settings.REDIS_URL = ""
     with another_writer_holds("nonce:busy"):
-        adding = asyncio.create_task(onetime.add("nonce:busy", "1", 60))
+        adding = asyncio.create_task(single_use.add("nonce:busy", "1", 60))
         # The loop goes on turning while the add waits for the other writer.
         for _ in range(20):
             await asyncio.sleep(0.01)
         assert not adding.done()
     assert await asyncio.wait_for(adding, timeout=30)
-    assert not await onetime.add("nonce:busy", "1", 60)
+    assert not await single_use.add("nonce:busy", "1", 60)
 
 
 # --- Through a real daphne, on the embedded default ----------------------------

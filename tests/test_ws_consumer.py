@@ -27,7 +27,8 @@ from django.utils import timezone
 
 from gateway_client import signing
 from gateway_project.asgi import application
-from jobs import consumers, fanout, filters, presence, services, serving
+from gateway_project.server import daphne_patches
+from jobs import consumers, fanout, filters, presence, services
 from jobs.models import Job
 from jobs.payloads import JobDraft
 from tests.stack import API_KEY, HMAC_SECRET
@@ -558,7 +559,7 @@ def test_the_asgi_module_makes_daphne_send_frames_at_once() -> None:
 
     on_open = WebSocketProtocol.onOpen
     assert getattr(on_open, "writes_at_once", False)
-    serving.write_frames_at_once()  # twice changes nothing
+    daphne_patches.write_frames_at_once()  # twice changes nothing
     assert WebSocketProtocol.onOpen is on_open
 
 
@@ -567,7 +568,7 @@ def test_the_asgi_module_offers_daphne_websockets_prepared_frames() -> None:
 
     create_application = Server.create_application
     assert getattr(create_application, "offers_prepared_frames", False)
-    serving.offer_prepared_frames()  # twice changes nothing
+    daphne_patches.offer_prepared_frames()  # twice changes nothing
     assert Server.create_application is create_application
 
 
@@ -603,14 +604,14 @@ async def test_daphne_gives_websocket_scopes_a_sender_of_prepared_frames() -> No
         *(c["application_instance"] for c in server.connections.values())
     )
     websocket_scope, http_scope = scopes
-    assert serving.PREPARED_FRAMES not in http_scope.get("extensions", {})
+    assert fanout.PREPARED_FRAMES not in http_scope.get("extensions", {})
 
-    send = websocket_scope["extensions"][serving.PREPARED_FRAMES]
-    frame = serving.prepare('{"type":"job"}')
-    send(frame)
+    frames = websocket_scope["extensions"][fanout.PREPARED_FRAMES]
+    frame = frames.prepare('{"type":"job"}')
+    frames.send(frame)
     assert websocket.sent == [frame]
     websocket.state = Protocol._autobahn.STATE_CLOSING
-    send(frame)  # dropped: autobahn would refuse it, daphne drop it once closed
+    frames.send(frame)  # dropped: autobahn would refuse it, daphne drop it once closed
     assert websocket.sent == [frame]
 
 
@@ -629,7 +630,9 @@ def unframe(message: Any) -> dict[str, Any]:
 class Sent(asyncio.Queue[Any]):
     """A stand-in for the server's prepared-frame sender: what it was given."""
 
-    def __call__(self, message: Any) -> None:
+    prepare = staticmethod(daphne_patches.PreparedFrames.prepare)
+
+    def send(self, message: Any) -> None:
         self.put_nowait(message)
 
     async def next(self) -> Any:
@@ -637,7 +640,7 @@ class Sent(asyncio.Queue[Any]):
 
 
 async def test_live_frames_go_framed_once_through_a_servers_sender() -> None:
-    # Under daphne (jobs.serving): one framed copy for every client; what is
+    # Under daphne (gateway_project.server): one framed copy for every client; what is
     # not live (the hello, a replay) goes through ASGI as before.
     replayed = await publish()
     sent = {"plain": Sent(), "batched": Sent()}
@@ -646,7 +649,7 @@ async def test_live_frames_go_framed_once_through_a_servers_sender() -> None:
         communicator = WebsocketCommunicator(
             application, f"/ws{query}", headers=KEY_HEADER
         )
-        communicator.scope["extensions"] = {serving.PREPARED_FRAMES: sent[name]}
+        communicator.scope["extensions"] = {fanout.PREPARED_FRAMES: sent[name]}
         assert (await communicator.connect())[0]
         assert (await communicator.receive_json_from())["type"] == "hello"
         communicators[name] = communicator

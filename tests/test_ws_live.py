@@ -335,7 +335,7 @@ async def test_live_frames_are_framed_once_not_sent_through_asgi_per_client(
 ) -> None:
     # daphne logs at debug every frame an application sends through ASGI's
     # send; job frames go to each connection framed once for all of them
-    # (jobs.serving.offer_prepared_frames), in order with the rest.
+    # (gateway_project.server's prepared frames), in order with the rest.
     sent_through_asgi = "Sent WebSocket packet to client"
     with DaphneProcess(env=process_env(LOG_LEVEL="DEBUG")) as server:
         early = await post_job(http, server.base_url)
@@ -358,7 +358,7 @@ async def test_frames_a_full_socket_held_back_arrive_whole_in_order_once(
 ) -> None:
     # The client stops reading: its receive window and the server's send
     # buffer (up to 4 MB) fill, and the server's writes go partly, then not at
-    # all, to the socket, the rest through Twisted's buffer (jobs.serving).
+    # all, to the socket, the rest through Twisted's buffer (gateway_project.server).
     # Once it reads again, every frame arrives whole, in order, once.
     padding = {f"f{n}": "x" * 5000 for n in range(100)}  # about 500 KB a job
     env = process_env(MAX_JOB_BYTES=str(1024 * 1024))

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from jobs import onetime
+from jobs import single_use
 from jobs.retention import prune
 
 
@@ -18,7 +18,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         expired, deleted = prune()
-        forgotten = onetime.prune()
+        forgotten = single_use.prune()
         self.stdout.write(
             f"{expired} job(s) marked expired, {deleted} deleted; "
             f"{forgotten} expired nonce(s) and ticket(s) forgotten."

@@ -1,37 +1,22 @@
-"""What the gateway changes in how daphne serves it (applied by the ASGI module).
+"""What the gateway changes in how daphne and Twisted serve requests.
 
-Bodies over their limit are refused before they are read; form bodies are left
-to the application; WebSocket frames and HTTP responses are sent at once; a
-job's frame is framed once for all of a process's clients. (The logging
-changes, redacted and escaped access lines, no Twisted request log and lazy
-autobahn debug arguments, are in ``jobs.logging``.)
+Bodies over their limit are refused before they are read (a protection); form
+bodies are left to the application; WebSocket frames are sent at once; a job's
+frame is framed once for all of a process's clients (for speed). Each has a
+``*_problems`` function: what it relies on, checked.
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
-import importlib.metadata
+import inspect
 import io
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
-
-
-class ServerPatchError(RuntimeError):
-    """A protection cannot be applied to the server installed: do not serve."""
-
-
-# The releases the body limit was written for and checked against (major.minor).
-# On any other, the server refuses to start: a protection is never left out
-# quietly. Check the internals ``body_limit_problems`` names, then add the
-# release here.
-BODY_LIMIT_WRITTEN_FOR: dict[str, tuple[str, ...]] = {
-    "daphne": ("4.2",),
-    "Twisted": ("26.10",),
-}
 
 
 def refuse_large_bodies_unread(limit_for: Callable[[bytes], int | None]) -> None:
@@ -48,17 +33,13 @@ def refuse_large_bodies_unread(limit_for: Callable[[bytes], int | None]) -> None
     passes the limit. The refusal is a complete JSON answer written to the
     connection, which then closes: Twisted stops reading at once, what the
     client goes on sending is never read, and the request never reaches the
-    application. Raises ``ServerPatchError`` where it cannot be applied.
+    application.
     """
     from daphne.http_protocol import WebRequest
 
     original_length = WebRequest.gotLength
     if getattr(original_length, "limits_bodies", False):
         return
-    if problems := body_limit_problems():
-        raise ServerPatchError(
-            "the request body limit cannot be applied: " + "; ".join(problems)
-        )
     original_chunk = WebRequest.handleContentChunk
     original_received = WebRequest.requestReceived
 
@@ -109,22 +90,17 @@ def refuse_large_bodies_unread(limit_for: Callable[[bytes], int | None]) -> None
 def body_limit_problems() -> list[str]:
     """Why ``refuse_large_bodies_unread`` cannot be applied here; empty if it can.
 
-    It relies on the releases it was written for and, in them, on Twisted's
-    channel calling the request's ``gotLength`` once the headers are in and
-    ``handleContentChunk`` for the body, keeping the request line's target
-    and method in ``_path`` and ``_command``, calling ``requestReceived`` once
-    the body is in, and parsing no further once its connection is closing;
-    and on daphne's request not overriding those three methods.
+    It relies on Twisted's channel calling the request's ``gotLength`` once
+    the headers are in and ``handleContentChunk`` for the body, keeping the
+    request line's target and method in ``_path`` and ``_command``, calling
+    ``requestReceived`` once the body is in, and parsing no further once its
+    connection is closing; and on daphne's request not overriding those three methods.
     """
     from daphne.http_protocol import WebRequest
     from twisted.protocols.basic import LineReceiver
     from twisted.web.http import HTTPChannel, Request
 
-    problems = [
-        f"{name} {found} (written for {' or '.join(series)})"
-        for name, series in BODY_LIMIT_WRITTEN_FOR.items()
-        if not _is_series(found := importlib.metadata.version(name), series)
-    ]
+    problems = []
     uses = [
         (HTTPChannel, "lineReceived", ("_path", "_command")),
         (HTTPChannel, "allHeadersReceived", ("gotLength",)),
@@ -145,10 +121,6 @@ def body_limit_problems() -> list[str]:
     return problems
 
 
-def _is_series(version: str, series: Iterable[str]) -> bool:
-    return any(version == one or version.startswith(one + ".") for one in series)
-
-
 def _names_used(function: Any) -> tuple[str, ...]:
     """The global and attribute names a function's code refers to."""
     code = getattr(function, "__code__", None)
@@ -158,7 +130,7 @@ def _names_used(function: Any) -> tuple[str, ...]:
 
 def _refuse(request: Any, limit: int | None) -> None:
     """Answer 413 on ``request``'s connection and close it, reading no more."""
-    from jobs import logging as logs
+    from jobs import logs
 
     request.refused_unread = True
     # Twisted would answer "Expect: 100-continue" right after this refusal.
@@ -185,7 +157,7 @@ def _refuse(request: Any, limit: int | None) -> None:
 
 
 def _log_refusal(request: Any, rid: str) -> None:
-    from jobs import logging as logs
+    from jobs import logs
     from jobs.auth import client_ip
 
     logs.request_id.set(rid)
@@ -236,12 +208,13 @@ def write_frames_at_once() -> None:
     Twisted buffers every write and registers the connection with the event
     loop to send it once the socket is writable, then unregisters it: two
     ``epoll_ctl`` calls and a loop callback per frame, about a tenth of a
-    process's CPU under the load test; a frame costs about 5 % less without
-    them (docs/benchmarks.md). Once a WebSocket is open, its transport tries
-    the socket first, as asyncio's own transports do, whenever nothing is
-    buffered ahead of the frame. What the socket does not take (a full buffer,
-    the part of a frame past Twisted's 128 KB per send, an error) goes through
-    Twisted's buffer as before, which also reports a lost connection.
+    process's CPU under the load test; a frame costs about a quarter less CPU
+    without them (docs/benchmarks.md, "Server patches"). Once a WebSocket is
+    open, its transport tries the socket first, as asyncio's own transports
+    do, whenever nothing is buffered ahead of the frame. What the socket does
+    not take (a full buffer, the part of a frame past Twisted's 128 KB per
+    send, an error) goes through Twisted's buffer as before, which also
+    reports a lost connection.
     """
     from daphne.ws_protocol import WebSocketProtocol
 
@@ -249,6 +222,7 @@ def write_frames_at_once() -> None:
     if getattr(original, "writes_at_once", False):
         return
 
+    @functools.wraps(original)
     def onOpen(self: WebSocketProtocol) -> None:
         transport = self.transport
         if _can_send_at_once(transport):
@@ -267,55 +241,6 @@ def write_frames_at_once() -> None:
     WebSocketProtocol.onOpen = onOpen
 
 
-def send_responses_at_once() -> None:
-    """Send each HTTP response in one piece as soon as it is complete.
-
-    Twisted writes a response's head and body separately into its buffer and
-    sends them on the event loop's next turn, registering and unregistering
-    the connection with the loop for it: about 5 % of a short request's CPU,
-    refused ones included. While daphne handles a response's last body message
-    (most responses have one), what Twisted writes is held, and then sent in
-    one piece, at once when nothing is buffered ahead of it, through Twisted's
-    buffer otherwise, in order either way. A body sent in parts (Django sends
-    those over 64 KB in 64 KB messages; files are streamed) keeps Twisted's
-    buffering for all but its last part.
-    """
-    from daphne.http_protocol import WebRequest
-
-    original = WebRequest.handle_reply
-    if getattr(original, "sends_at_once", False):
-        return
-
-    def handle_reply(self: WebRequest, message: dict[str, Any]) -> None:
-        transport: Any = getattr(self.channel, "transport", None)
-        if (
-            message.get("type") != "http.response.body"
-            or message.get("more_body", False)
-            or not _can_send_at_once(transport)
-            # Held already: a response daphne writes while handling another.
-            or "write" in vars(transport)
-        ):
-            original(self, message)
-            return
-        held: list[bytes] = []
-        transport.write = held.append
-        transport.writeSequence = held.extend
-        try:
-            original(self, message)
-        finally:
-            del transport.write, transport.writeSequence
-            if held:
-                _send_at_once(transport, b"".join(held), transport.write)
-
-    handle_reply.sends_at_once = True  # type: ignore[attr-defined]
-    WebRequest.handle_reply = handle_reply
-
-
-# The ASGI scope extension through which a WebSocket consumer sends frames
-# made by prepare(): a callable taking one. Absent under other servers.
-PREPARED_FRAMES = "gateway.prepared_frames"
-
-
 def offer_prepared_frames() -> None:
     """Let WebSocket consumers send one framed copy of a frame to every client.
 
@@ -323,13 +248,15 @@ def offer_prepared_frames() -> None:
     checks, is encoded and framed by autobahn and written: the same work for
     each of 1,000 clients. autobahn's own broadcast support frames a message
     once (``PreparedMessage``) and sends the framed bytes to each connection
-    (``sendPreparedMessage``). Each WebSocket scope gets a sender for it under
-    ``extensions``, keyed ``PREPARED_FRAMES``; a frame sent through it goes
-    the way daphne would send it (its transport, in order with what was sent
-    through ASGI) and is dropped once the connection is closing or closed,
-    where autobahn would refuse it, or daphne drop it.
+    (``sendPreparedMessage``). Each WebSocket scope gets a ``PreparedFrames``
+    under ``extensions``, keyed ``jobs.fanout.PREPARED_FRAMES``; a frame sent
+    through it goes the way daphne would send it (its transport, in order with
+    what was sent through ASGI) and is dropped once the connection is closing
+    or closed, where autobahn would refuse it, or daphne drop it.
     """
     from daphne.server import Server
+
+    from jobs.fanout import PREPARED_FRAMES
 
     original = Server.create_application
     if getattr(original, "offers_prepared_frames", False):
@@ -339,26 +266,113 @@ def offer_prepared_frames() -> None:
     def create_application(self: Server, protocol: Any, scope: dict[str, Any]) -> Any:
         if scope.get("type") == "websocket":
             extensions = scope.setdefault("extensions", {})
-            extensions[PREPARED_FRAMES] = functools.partial(_send_prepared, protocol)
+            extensions[PREPARED_FRAMES] = PreparedFrames(protocol)
         return original(self, protocol, scope)
 
     create_application.offers_prepared_frames = True  # type: ignore[attr-defined]
     Server.create_application = create_application
 
 
-def prepare(frame: str) -> Any:
-    """A text frame framed once, for the senders ``offer_prepared_frames`` makes."""
-    from autobahn.websocket.protocol import PreparedMessage
+class PreparedFrames:
+    """One daphne WebSocket's sender of frames framed once for every client."""
 
-    # A server's frames are not masked; daphne negotiates no compression.
-    return PreparedMessage(
-        frame.encode(), isBinary=False, applyMask=False, doNotCompress=False
-    )
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    @staticmethod
+    def prepare(frame: str) -> Any:
+        """A text frame, framed once, for any connection's ``send``."""
+        from autobahn.websocket.protocol import PreparedMessage
+
+        # A server's frames are not masked; daphne negotiates no compression.
+        return PreparedMessage(
+            frame.encode(), isBinary=False, applyMask=False, doNotCompress=False
+        )
+
+    def send(self, prepared: Any) -> None:
+        """Send a frame ``prepare`` made, unless the connection is closing."""
+        protocol = self._protocol
+        if protocol.state == protocol.STATE_OPEN:
+            protocol.sendPreparedMessage(prepared)
 
 
-def _send_prepared(protocol: Any, message: Any) -> None:
-    if protocol.state == protocol.STATE_OPEN:
-        protocol.sendPreparedMessage(message)
+def form_bodies_problems() -> list[str]:
+    """Why ``leave_form_bodies_to_the_application`` cannot be applied; empty if it can.
+
+    It relies on Twisted's ``Request`` taking ``parsePOSTFormSubmission`` and
+    daphne's ``WebRequest`` passing its arguments on to it.
+    """
+    from daphne.http_protocol import WebRequest
+    from twisted.web.http import Request
+
+    problems = []
+    if "parsePOSTFormSubmission" not in inspect.signature(Request.__init__).parameters:
+        problems.append("Twisted's Request takes no parsePOSTFormSubmission")
+    init = inspect.unwrap(WebRequest.__init__)
+    kinds = {p.kind for p in inspect.signature(init).parameters.values()}
+    if inspect.Parameter.VAR_KEYWORD not in kinds:
+        problems.append("daphne's WebRequest takes no keyword arguments")
+    return problems
+
+
+def frames_at_once_problems() -> list[str]:
+    """Why ``write_frames_at_once`` cannot be applied here; empty if it can.
+
+    It relies on daphne's ``WebSocketProtocol.onOpen`` running once a socket
+    is open, and on ``_send_at_once``'s reading of Twisted's buffer.
+    """
+    from daphne.ws_protocol import WebSocketProtocol
+
+    problems = _buffer_problems()
+    if not callable(vars(WebSocketProtocol).get("onOpen")):
+        problems.append("daphne's WebSocketProtocol no longer defines onOpen")
+    return problems
+
+
+def prepared_frames_problems() -> list[str]:
+    """Why ``offer_prepared_frames`` cannot be applied here; empty if it can.
+
+    It relies on daphne's ``Server.create_application(protocol, scope)``
+    creating each connection's application, and on autobahn's
+    ``PreparedMessage`` and ``sendPreparedMessage``.
+    """
+    from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
+    from daphne.server import Server
+
+    problems = []
+    create = inspect.unwrap(Server.create_application)
+    if list(inspect.signature(create).parameters) != ["self", "protocol", "scope"]:
+        problems.append("daphne's Server.create_application takes other arguments")
+    wanted = ["self", "payload", "isBinary", "applyMask", "doNotCompress"]
+    if list(inspect.signature(PreparedMessage.__init__).parameters) != wanted:
+        problems.append("autobahn's PreparedMessage takes other arguments")
+    for name in ("sendPreparedMessage", "STATE_OPEN"):
+        if not hasattr(WebSocketProtocol, name):
+            problems.append(f"autobahn's WebSocketProtocol has no {name}")
+    return problems
+
+
+def _buffer_problems() -> list[str]:
+    """What ``_send_at_once`` reads of Twisted's ``FileDescriptor``, if missing."""
+    from twisted.internet.abstract import FileDescriptor
+
+    problems = [
+        f"Twisted's FileDescriptor has no {name}"
+        for name in (
+            "writeSomeData",
+            "dataBuffer",
+            "offset",
+            "connected",
+            "disconnecting",
+            "_writeDisconnected",
+        )
+        if not hasattr(FileDescriptor, name)
+    ]
+    if "_tempDataBuffer" not in _names_used(FileDescriptor.__init__):
+        problems.append("Twisted's FileDescriptor keeps no _tempDataBuffer")
+    return problems
 
 
 def _can_send_at_once(transport: Any) -> bool:

@@ -1,14 +1,21 @@
-"""The API's ASGI handler: Django's request handling without the admin's stack."""
+"""The API's ASGI handler: Django's request handling without the admin's stack.
+
+Built on Django's private handler internals (``_get_response_async``,
+``_middleware_chain`` and the middleware lists, ``_resource_closers``) and on
+the steps of ``ASGIHandler.handle``: ``api_handler_problems`` checks them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from types import CodeType
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.core.handlers.base import BaseHandler
 from django.core.handlers.exception import convert_exception_to_response
 from django.http import HttpRequest, HttpResponseBase
 from django.urls import Resolver404, ResolverMatch, set_script_prefix, set_urlconf
@@ -145,3 +152,46 @@ def _close(response: HttpResponseBase) -> None:
             closer()
     closers.clear()
     response.closed = True
+
+
+# What ApiHandler re-implements: the steps of Django's ASGIHandler.handle, and
+# the attributes BaseHandler.load_middleware sets.
+HANDLE_STEPS = (
+    "read_body",
+    "create_request",
+    "send_response",
+    "listen_for_disconnect",
+    "run_get_response",
+)
+MIDDLEWARE_ATTRIBUTES = (
+    "_view_middleware",
+    "_template_response_middleware",
+    "_exception_middleware",
+    "_middleware_chain",
+)
+
+
+def api_handler_problems() -> list[str]:
+    """Why ``ApiHandler`` cannot serve on the Django installed; empty if it can."""
+    problems = []
+    used = _names_used(ASGIHandler.handle.__code__)
+    if missing := [step for step in HANDLE_STEPS if step not in used]:
+        problems.append(f"ASGIHandler.handle no longer uses {missing}")
+    used = set(BaseHandler.load_middleware.__code__.co_names)
+    if missing := [name for name in MIDDLEWARE_ATTRIBUTES if name not in used]:
+        problems.append(f"BaseHandler.load_middleware no longer sets {missing}")
+    for name in ("_get_response_async", "resolve_request", "get_response_async"):
+        if not callable(getattr(BaseHandler, name, None)):
+            problems.append(f"Django's BaseHandler has no {name}")
+    if not isinstance(getattr(HttpResponseBase(), "_resource_closers", None), list):
+        problems.append("Django's responses keep no _resource_closers")
+    return problems
+
+
+def _names_used(code: CodeType) -> set[str]:
+    """The names ``code`` and the functions defined in it refer to."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            names |= _names_used(const)
+    return names

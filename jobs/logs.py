@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-import pprint
 import re
 import time
 import uuid
-from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -158,29 +156,6 @@ def websocket_access(
     )
 
 
-def redact_daphne_access_log() -> None:
-    """Make daphne's own access log redact credentials in the URIs it writes.
-
-    daphne writes the full URI, query string included, at its default
-    verbosity, straight to its stream, past the formatters: its lines are
-    ``escaped`` here too. Wrapping its one writing method here covers every command line
-    that serves this application, whatever ``--access-log`` says.
-    """
-    from daphne.access import AccessLogGenerator
-
-    original = AccessLogGenerator.write_entry
-    if getattr(original, "redacts", False):
-        return
-
-    def write_entry(
-        self: AccessLogGenerator, host: str, date: datetime, request: str, **kw: Any
-    ) -> None:
-        original(self, escaped(str(host)), date, escaped(redact_text(request)), **kw)
-
-    write_entry.redacts = True  # type: ignore[attr-defined]
-    AccessLogGenerator.write_entry = write_entry
-
-
 _LISTEN_IN_USE = re.compile(
     r"Couldn't listen on (?P<host>.*):(?P<port>[0-9]+): .*in use"
 )
@@ -209,79 +184,6 @@ def hint_at_ports_in_use() -> None:
     server = logging.getLogger("daphne.server")
     if not any(isinstance(f, PortInUseHint) for f in server.filters):
         server.addFilter(PortInUseHint())
-
-
-def drop_twisted_request_log() -> None:
-    """Stop Twisted writing a request log line of its own for each HTTP request.
-
-    daphne's HTTP factory inherits Twisted's request log: a combined-log line
-    formatted for every request (about 5 % of a refused request's CPU) and
-    handed to Twisted's log, which daphne throws away at its default verbosity
-    and, at ``-v 2``, writes through the ``daphne.server`` logger with the
-    whole URI, unredacted credentials included. daphne's own access log and
-    the gateway's say all that line said.
-    """
-    from daphne.http_protocol import HTTPFactory
-
-    HTTPFactory.log = _no_request_line
-
-
-def _no_request_line(factory: Any, request: Any) -> None:
-    """What Twisted's ``HTTPFactory.log`` does here: nothing."""
-
-
-class _Later:
-    """``func(*args, **kwargs)`` as text, worked out only if a log line is written."""
-
-    __slots__ = ("_args", "_func", "_kwargs")
-
-    def __init__(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        self._func = func
-        self._args = args
-        self._kwargs = kwargs
-
-    def __str__(self) -> str:
-        return str(self._func(*self._args, **self._kwargs))
-
-
-def _later(func: Callable[..., Any]) -> Callable[..., _Later]:
-    def deferred(*args: Any, **kwargs: Any) -> _Later:
-        return _Later(func, *args, **kwargs)
-
-    deferred.defers = func  # type: ignore[attr-defined]
-    return deferred
-
-
-def defer_autobahn_debug_formatting() -> None:
-    """Stop autobahn formatting debug lines nobody reads, per connection and frame.
-
-    autobahn works out its debug messages' arguments whether debug logging is
-    on or not: ``WebSocketProtocol._connectionMade`` pretty-prints the
-    connection's options (``pformat``, about 0.2 ms of CPU for every
-    connection, refused handshakes included), and ``sendData`` colours its
-    method's name, the peer and the length (``hltype``, ``hlval``: click
-    styles) for every frame sent, a fifth of a frame's cost; its Twisted
-    adapter colours the same for every connection made and lost and every read.
-    Those names, in both modules, now format when a line is written;
-    ``Timings``, the one caller that must return a string, gets it formatted at
-    once.
-    """
-    from autobahn.twisted import websocket as adapter
-    from autobahn.websocket import protocol
-
-    if hasattr(protocol.pformat, "defers"):  # type: ignore[attr-defined]
-        return
-
-    def timings(self: Any) -> str:
-        return pprint.pformat(self._timings)
-
-    for module, names in (
-        (protocol, ("pformat", "hltype", "hlval")),
-        (adapter, ("hltype", "hlval")),
-    ):
-        for name in names:
-            setattr(module, name, _later(getattr(module, name)))
-    protocol.Timings.__str__ = timings  # type: ignore[method-assign]
 
 
 class ContextFilter(logging.Filter):
