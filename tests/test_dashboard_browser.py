@@ -31,7 +31,7 @@ try:
 except ImportError:  # reported by the fixture: a skip here, a failure in CI
     Chrome = None  # type: ignore[assignment,misc]
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.backends, pytest.mark.processes]
 
 SCREENSHOT = REPO_ROOT / "artifacts" / "dashboard.png"
 PASSWORD = "a-long-test-password"

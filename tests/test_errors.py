@@ -18,7 +18,7 @@ from jobs.queues import DatabaseQueue, RedisQueue
 from tests.conftest import assert_error
 from tests.servers import free_port
 
-pytestmark = pytest.mark.usefixtures("empty_redis")
+pytestmark = [pytest.mark.backends, pytest.mark.usefixtures("empty_redis")]
 
 Sign = Callable[..., dict[str, str]]
 

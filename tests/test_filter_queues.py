@@ -47,6 +47,7 @@ def redis_queue(transactional_db: None, settings: Any, clean_redis: str) -> str:
     return clean_redis
 
 
+@pytest.mark.backends
 async def test_the_redis_scan_skips_nothing_when_others_pop_meanwhile(
     redis_queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -85,6 +86,7 @@ async def test_the_redis_scan_skips_nothing_when_others_pop_meanwhile(
     assert await queues.get_queue().depth() == 7 - 3 - 1
 
 
+@pytest.mark.backends
 async def test_the_redis_scan_starts_over_when_its_anchors_are_gone(
     redis_queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -114,6 +116,7 @@ async def test_the_redis_scan_starts_over_when_its_anchors_are_gone(
     assert await queues.get_queue().depth() == 2
 
 
+@pytest.mark.backends
 async def test_expired_entries_met_by_a_scan_are_dropped(
     redis_queue: str, settings: Any
 ) -> None:
@@ -176,6 +179,7 @@ def test_redis_messages_carry_the_job_and_skip_their_sender() -> None:
     assert wakeups._job_in(signal, b"not json") == (True, None)
 
 
+@pytest.mark.backends
 async def test_a_job_relayed_through_redis_reaches_filtered_waiters(
     redis_queue: str,
 ) -> None:

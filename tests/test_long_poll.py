@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import LiveGateway, process_env
 from tests.servers import DaphneProcess
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.backends, pytest.mark.processes]
 
 WAKE_WITHIN_SECONDS = 0.1
 

@@ -19,7 +19,7 @@ from discord_poller import status
 from discord_poller.models import PollerStatus
 from discord_poller.status import StatusReporter
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.backends, pytest.mark.django_db(transaction=True)]
 
 Sign = Callable[[], dict[str, str]]
 

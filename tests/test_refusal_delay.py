@@ -31,7 +31,10 @@ from tests.conftest import assert_error, process_env
 from tests.servers import DaphneProcess
 from tests.stack import API_KEY, HMAC_SECRET
 
-pytestmark = pytest.mark.usefixtures("empty_redis", "transactional_db")
+pytestmark = [
+    pytest.mark.backends,
+    pytest.mark.usefixtures("empty_redis", "transactional_db"),
+]
 
 Sign = Callable[..., dict[str, str]]
 T = TypeVar("T")

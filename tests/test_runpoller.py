@@ -184,6 +184,7 @@ def test_the_refusal_is_one_line_and_a_failure() -> None:
 # --- As a process -------------------------------------------------------------------
 
 
+@pytest.mark.backends
 @pytest.mark.processes
 def test_once_publishes_one_cycle_and_reports_it(
     live_gateway: LiveGateway, fake_discord: FakeDiscordProcess
@@ -225,6 +226,7 @@ def test_once_publishes_one_cycle_and_reports_it(
     assert health["poller"]["report_age_seconds"] >= 0
 
 
+@pytest.mark.backends
 @pytest.mark.processes
 def test_a_rejected_token_exits_nonzero_without_showing_it(
     live_gateway: LiveGateway, fake_discord: FakeDiscordProcess
@@ -250,6 +252,7 @@ def test_a_rejected_token_exits_nonzero_without_showing_it(
     assert PollerStatus.objects.get().report["state"] == "failed"
 
 
+@pytest.mark.backends
 @pytest.mark.processes
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_it_within_a_second_even_mid_backoff(
