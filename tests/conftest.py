@@ -67,6 +67,23 @@ _MARK_IT = (
     "on PostgreSQL and Redis too"
 )
 
+# --- Parallel runs ----------------------------------------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep a module's tests on one worker, unless they name a group of their own.
+
+    With ``--dist loadgroup`` (scripts/test) a module's tests then run one after
+    another, as they were written to, and a module-scoped server starts once.
+    A module of long, independent tests may spread them with
+    ``pytest.mark.xdist_group`` marks of their own.
+    """
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
 # The test running in this process, for checks made outside fixtures.
 _current: pytest.Item | None = None
 
