@@ -105,7 +105,7 @@ async def test_a_hung_database_cannot_hold_up_the_stop(
     try:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(StatusReporter(dict).write(), 0.2)
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 5  # not the 10 s of the hang
     finally:
         release.set()
 

@@ -405,8 +405,8 @@ async def test_a_client_that_never_reads_neither_delays_others_nor_stays(
                 for _ in range(60):
                     started = time.monotonic()
                     job = await post_job(http, server.base_url, fields=padding)
-                    assert await next_job(healthy, timeout=1) == job
-                    assert time.monotonic() - started < 1
+                    assert await next_job(healthy, timeout=5) == job
+                    assert time.monotonic() - started < 5
                 # Dropped by the ping timeout; the healthy client, which
                 # answers pings, stays.
                 deadline = time.monotonic() + 10
