@@ -5,23 +5,37 @@
 - ``queue_backend``: runs a test once per queue backend (database, redis).
 - ``redis_url`` / ``postgres_server``: real servers, started once per session.
 - ``live_gateway``: a real daphne process on the test database.
+
+The ``backends`` mark: the tests whose behaviour depends on the stack, which
+``GATEWAY_TEST_STACK=services`` reruns on PostgreSQL and Redis (``-m
+backends``). A test without it that reaches the stack's database, cache or
+channel layer, or hands the stack to a process, fails and says so.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import channels.layers
 import httpx
 import pytest
 import redis
+from django.core.cache import CacheHandler
 from django.db import connection
+from hypothesis import settings as hypothesis_settings
 
 from gateway_client.signing import signed_headers
 from testkit.servers import DaphneProcess, PostgresServer, RedisServer
 from tests.stack import API_KEY, HMAC_SECRET, STACK
+
+# Hypothesis fails an example slower than 200 ms by default: a verdict on the
+# machine's load, not on the code. No deadline here; pytest-timeout still ends
+# a test that hangs.
+hypothesis_settings.register_profile("suite", deadline=None)
+hypothesis_settings.load_profile("suite")
 
 
 def _unavailable(reason: str) -> None:
@@ -29,6 +43,116 @@ def _unavailable(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+# --- The backends mark ------------------------------------------------------------
+
+# Fixtures that put a test on the stack's database, Redis or channel layer
+# (including through pytest-django's ``django_db`` mark, checked beside them).
+BACKEND_FIXTURES = frozenset(
+    {
+        "db",
+        "transactional_db",
+        "django_db_reset_sequences",
+        "django_db_serialized_rollback",
+        "live_server",
+        "api",
+        "live_gateway",
+        "empty_redis",
+    }
+)
+
+_MARK_IT = (
+    "mark it @pytest.mark.backends (or its module: pytestmark), so that it runs "
+    "on PostgreSQL and Redis too"
+)
+
+# --- Parallel runs ----------------------------------------------------------------
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep a module's tests on one worker, unless they name a group of their own.
+
+    With ``--dist loadgroup`` (scripts/test) a module's tests then run one after
+    another, as they were written to, and a module-scoped server starts once.
+    A module of long, independent tests may spread them with
+    ``pytest.mark.xdist_group`` marks of their own.
+    """
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+# The test running in this process, for checks made outside fixtures.
+_current: pytest.Item | None = None
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    """Know the running test from its first fixture, module-scoped ones too."""
+    global _current
+    _current = item
+    try:
+        return (yield)
+    finally:
+        _current = None
+
+
+def backend_fixtures_used(item: pytest.Item) -> list[str]:
+    """The fixtures and marks by which ``item`` reaches the stack's backends."""
+    used = sorted(BACKEND_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+    if item.get_closest_marker("django_db") is not None:
+        used.append("the django_db mark")
+    return used
+
+
+def _stack_dependency(what: str) -> None:
+    """Fail the running test if it is not marked ``backends``."""
+    item = _current
+    if item is not None and item.get_closest_marker("backends") is None:
+        pytest.fail(f"{item.nodeid} {what}: {_MARK_IT}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _backends_mark_is_not_forgotten(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
+    """Fail a test that depends on the stack without the ``backends`` mark.
+
+    Autouse fixtures are set up first: an unmarked test asking for the
+    database fails before it reaches it. The cache and the channel layer,
+    memory here and Redis on the services stack, are watched while it runs;
+    a use is reported at teardown, as code under test may run in other
+    threads or tasks and catch what is raised there.
+    """
+    item = request.node
+    assert isinstance(item, pytest.Item)
+    used: set[str] = set()
+    if item.get_closest_marker("backends") is None:
+        fixtures = backend_fixtures_used(item)
+        if fixtures:
+            _stack_dependency(f"uses {', '.join(fixtures)}")
+        for cls, what in (
+            (CacheHandler, "uses Django's cache"),
+            (channels.layers.ChannelLayerManager, "uses the channel layer"),
+        ):
+            monkeypatch.setattr(cls, "__getitem__", _watched(cls, what, used))
+    yield
+    if used:
+        what = " and ".join(sorted(used))
+        pytest.fail(f"{item.nodeid} {what}: {_MARK_IT}", pytrace=False)
+
+
+def _watched(cls: Any, what: str, used: set[str]) -> Callable[[Any, str], Any]:
+    """``cls.__getitem__``, noting ``what`` in ``used`` at each call."""
+    get: Callable[[Any, str], Any] = cls.__getitem__
+
+    def watched(self: Any, alias: str) -> Any:
+        used.add(what)
+        return get(self, alias)
+
+    return watched
 
 
 @pytest.fixture
@@ -151,6 +275,7 @@ def queue_backend(request: pytest.FixtureRequest, settings: Any) -> str:
 
 def database_url() -> str:
     """The test database, as a URL other processes can open."""
+    _stack_dependency("hands the stack's database to another process")
     params = connection.settings_dict
     if connection.vendor == "sqlite":
         return f"sqlite:///{params['NAME']}"
@@ -159,12 +284,9 @@ def database_url() -> str:
 
 def process_env(**overrides: str) -> dict[str, str]:
     """Environment for a gateway process sharing this test run's database."""
-    env = {
-        "DATABASE_URL": database_url(),
-        "API_KEY": API_KEY,
-        "HMAC_SECRET": HMAC_SECRET,
-    }
-    env.update(overrides)
+    env = {"API_KEY": API_KEY, "HMAC_SECRET": HMAC_SECRET, **overrides}
+    if "DATABASE_URL" not in overrides:
+        env["DATABASE_URL"] = database_url()
     return env
 
 

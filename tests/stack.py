@@ -5,11 +5,20 @@ in-memory channel layer. ``GATEWAY_TEST_STACK=services`` first starts a real
 PostgreSQL and a real Redis on free loopback ports and runs the same suite on
 them. Loaded with ``-p tests.stack`` (see pyproject.toml), so it runs before
 pytest-django sets Django up.
+
+Under pytest-xdist every worker is a process of its own with its own scratch
+directory (settings file, SQLite test database). On the services stack the
+controlling process starts one PostgreSQL that the workers share, each in a
+test database of its own (pytest-django names them ``test_postgres_gw0``...);
+every worker starts a Redis of its own, because pub/sub channels, which the
+channel layer and the long-poll wake-ups use, are server-wide whatever the
+database index.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,7 +35,11 @@ if STACK not in ("embedded", "services"):
         f"GATEWAY_TEST_STACK must be embedded or services, not {STACK!r}"
     )
 
-_scratch = Path(tempfile.mkdtemp(prefix="gateway-tests-"))
+# "gw0", "gw1"... in a pytest-xdist worker, which xdist sets before the worker
+# loads this plugin; None in the controlling process or a run without xdist.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+
+_scratch = Path(tempfile.mkdtemp(prefix=f"gateway-tests-{WORKER or 'main'}-"))
 _servers: list[PostgresServer | RedisServer] = []
 
 # Every setting the gateway and the poller read (gateway_project/settings.py
@@ -81,10 +94,12 @@ _SETTINGS_FROM_THE_SHELL = {
     "WS_TICKET_TTL",
 }
 # The tests own their configuration: nothing from the developer's shell or an
-# app_settings.json in the checkout leaks in.
-for _name in list(os.environ):
-    if _name in _SETTINGS_FROM_THE_SHELL:
-        del os.environ[_name]
+# app_settings.json in the checkout leaks in. A worker inherits the environment
+# its controlling process prepared, shared PostgreSQL included.
+if WORKER is None:
+    for _name in list(os.environ):
+        if _name in _SETTINGS_FROM_THE_SHELL:
+            del os.environ[_name]
 (_scratch / "settings.json").write_text("{}")
 os.environ.update(
     {
@@ -105,12 +120,17 @@ if STACK == "services":
     ):
         if _missing:
             raise pytest.UsageError(f"GATEWAY_TEST_STACK=services: {_missing}")
-    _postgres = PostgresServer()
-    _postgres.start()
+    if WORKER is None:
+        _postgres = PostgresServer()
+        _postgres.start()
+        _servers.append(_postgres)
+        os.environ["DATABASE_URL"] = _postgres.url
+    # The controlling process of an xdist run starts one too, unused: it cannot
+    # know yet whether workers will run the tests, and a Redis starts in
+    # milliseconds.
     _redis = RedisServer()
     _redis.start()
-    _servers += [_postgres, _redis]
-    os.environ["DATABASE_URL"] = _postgres.url
+    _servers.append(_redis)
     os.environ["REDIS_URL"] = _redis.url
 
 
@@ -121,3 +141,4 @@ def pytest_report_header() -> str:
 def pytest_unconfigure() -> None:
     for server in _servers:
         server.close()
+    shutil.rmtree(_scratch, ignore_errors=True)

@@ -21,6 +21,9 @@ from tests.stack import API_KEY, HMAC_SECRET, STACK
 CHANGELIST = "/admin/jobs/job/"
 
 
+pytestmark = pytest.mark.backends
+
+
 @pytest.fixture
 def staff(transactional_db: None, request: pytest.FixtureRequest) -> Client:
     """A logged-in superuser; transactional, so the API's threads see the rows."""

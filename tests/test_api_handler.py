@@ -16,6 +16,7 @@ from gateway_project.server.api_handler import _unexpected_error
 Sign = Callable[..., dict[str, str]]
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("signed", [True, False], ids=["valid", "forged"])
 async def test_an_answered_request_leaves_no_cycle_for_the_collector(
     api: httpx.AsyncClient, sign: Sign, signed: bool

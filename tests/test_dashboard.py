@@ -40,6 +40,8 @@ Sign = Callable[..., dict[str, str]]
 DATA = "/admin/dashboard/data"
 PAGE = "/admin/dashboard/"
 
+pytestmark = pytest.mark.backends
+
 
 @pytest.fixture(autouse=True)
 def _fresh_state(request: pytest.FixtureRequest) -> Iterator[None]:

@@ -44,7 +44,7 @@ try:
 except ImportError:  # reported by the fixture: a skip here, a failure in CI
     Chrome = None  # type: ignore[assignment,misc]
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.backends, pytest.mark.processes]
 
 ARTIFACTS = REPO_ROOT / "artifacts"
 DOCS_SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"

@@ -309,7 +309,8 @@ async def test_a_wait_is_cancelled_at_once(fake: FakeDiscord) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert time.monotonic() - started < 0.5
+        # Not the 30 s the limit asked for; seconds of room for a busy host.
+        assert time.monotonic() - started < 10
     assert len(fake.requests) == 1
 
 

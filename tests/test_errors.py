@@ -18,7 +18,7 @@ from jobs.queues import DatabaseQueue, RedisQueue
 from testkit.servers import free_port
 from tests.conftest import assert_error
 
-pytestmark = pytest.mark.usefixtures("empty_redis")
+pytestmark = [pytest.mark.backends, pytest.mark.usefixtures("empty_redis")]
 
 Sign = Callable[..., dict[str, str]]
 

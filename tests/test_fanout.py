@@ -16,6 +16,9 @@ from jobs.payloads import JobDraft
 BURST = 500
 
 
+pytestmark = pytest.mark.backends
+
+
 @pytest.fixture(autouse=True)
 async def fresh_layer() -> AsyncIterator[None]:
     yield

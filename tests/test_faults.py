@@ -352,6 +352,7 @@ def aof_redis() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.mark.backends
 async def test_redis_killed_and_restarted(
     transactional_db: None, aof_redis: RedisServer
 ) -> None:
@@ -466,6 +467,7 @@ def drain_env(request: pytest.FixtureRequest, transactional_db: None) -> dict[st
     return process_env(REDIS_URL="", QUEUE_BACKEND="database")
 
 
+@pytest.mark.backends
 async def test_daphne_killed_during_a_drain(drain_env: dict[str, str]) -> None:
     backend = drain_env["QUEUE_BACKEND"]
     test = f"daphne fault, {backend} queue"
@@ -615,6 +617,7 @@ async def discord_jobs() -> dict[str, int]:
     return dict(Counter(str(message_id) for message_id in rows))
 
 
+@pytest.mark.backends
 async def test_poller_killed_and_restarted_mid_burst(
     live_gateway: LiveGateway, fake_discord: FakeDiscordProcess
 ) -> None:

@@ -72,6 +72,7 @@ async def frames(client: Any, count: int) -> list[dict[str, Any]]:
     return jobs
 
 
+@pytest.mark.backends
 async def test_filters_on_both_interfaces_of_a_real_process(
     gateway: DaphneProcess, http: httpx.AsyncClient
 ) -> None:
@@ -126,6 +127,7 @@ async def test_filters_on_both_interfaces_of_a_real_process(
     assert "tier='gold' is not a tier" in gateway.output()
 
 
+@pytest.mark.backends
 async def test_a_filtered_long_poll_on_a_real_process(
     gateway: DaphneProcess, http: httpx.AsyncClient
 ) -> None:
@@ -162,6 +164,7 @@ def two_replicas(
         yield first, second
 
 
+@pytest.mark.backends
 async def test_a_filtered_long_poll_is_woken_across_replicas(
     two_replicas: tuple[DaphneProcess, DaphneProcess], http: httpx.AsyncClient
 ) -> None:

@@ -48,6 +48,7 @@ def redis_queue(transactional_db: None, settings: Any, clean_redis: str) -> str:
     return clean_redis
 
 
+@pytest.mark.backends
 async def test_the_redis_scan_skips_nothing_when_others_pop_meanwhile(
     redis_queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -86,6 +87,7 @@ async def test_the_redis_scan_skips_nothing_when_others_pop_meanwhile(
     assert await queues.get_queue().depth() == 7 - 3 - 1
 
 
+@pytest.mark.backends
 async def test_the_redis_scan_starts_over_when_its_anchors_are_gone(
     redis_queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -115,6 +117,7 @@ async def test_the_redis_scan_starts_over_when_its_anchors_are_gone(
     assert await queues.get_queue().depth() == 2
 
 
+@pytest.mark.backends
 async def test_expired_entries_met_by_a_scan_are_dropped(
     redis_queue: str, settings: Any
 ) -> None:
@@ -175,6 +178,7 @@ def test_bus_messages_carry_their_jobs_to_the_waiters() -> None:
     assert bus.news_in({"type": "from.a.later.version"}) is None
 
 
+@pytest.mark.backends  # the channel layer
 async def test_a_job_relayed_over_the_bus_reaches_filtered_waiters() -> None:
     await wakeups.listen()
     signal = wakeups.signal()

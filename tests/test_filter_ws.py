@@ -23,7 +23,10 @@ from jobs.payloads import JobDraft
 from tests.filter_cases import BAD_FILTERS, CASE_IDS, CASES, JOBS, TIER_CASES, TIERS
 from tests.stack import API_KEY
 
-pytestmark = pytest.mark.usefixtures("transactional_db", "queue_backend")
+pytestmark = [
+    pytest.mark.backends,
+    pytest.mark.usefixtures("transactional_db", "queue_backend"),
+]
 
 KEY_HEADER = [(b"x-api-key", API_KEY.encode())]
 

@@ -24,7 +24,11 @@ from testkit.servers import DaphneProcess
 from tests.conftest import process_env
 from tests.stack import API_KEY, HMAC_SECRET
 
-pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]
+pytestmark = [
+    pytest.mark.backends,
+    pytest.mark.processes,
+    pytest.mark.usefixtures("empty_redis"),
+]
 
 # Servers making at least 10M/s that are not full.
 RICH_OPEN = ["money_per_sec>=10M", "players<players_max"]

@@ -13,7 +13,11 @@ import pytest
 from gateway_client import AuthError, GatewayClient, GatewayError, PublishResult
 from tests.conftest import LiveGateway
 
-pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]
+pytestmark = [
+    pytest.mark.backends,
+    pytest.mark.processes,
+    pytest.mark.usefixtures("empty_redis"),
+]
 
 
 def client_for(gateway: LiveGateway, **kwargs: Any) -> GatewayClient:

@@ -15,6 +15,9 @@ from tests.stack import STACK
 Sign = Callable[..., dict[str, str]]
 
 
+pytestmark = pytest.mark.backends
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state(request: pytest.FixtureRequest) -> Iterator[None]:
     # Rate-limit counts and (on the services stack) the Redis queue outlive a

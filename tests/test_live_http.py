@@ -41,6 +41,7 @@ def client(
         yield http
 
 
+@pytest.mark.backends
 def test_publish_claim_and_empty(client: httpx.Client, sign: Sign) -> None:
     posted = client.post(
         "/job",
@@ -66,6 +67,7 @@ def test_publish_claim_and_empty(client: httpx.Client, sign: Sign) -> None:
     assert client.get("/healthz").json() == {"ok": True}
 
 
+@pytest.mark.backends
 def test_each_signing_failure(client: httpx.Client, sign: Sign) -> None:
     good = sign()
     stale = sign(now=time.time() - 3600)
@@ -89,6 +91,7 @@ def test_each_signing_failure(client: httpx.Client, sign: Sign) -> None:
     assert client.get("/job/next", headers=upper).status_code == 204
 
 
+@pytest.mark.backends
 def test_error_shapes(client: httpx.Client, sign: Sign) -> None:
     assert_error(client.get("/nope"), 404, "not_found")
     assert_error(client.delete("/job/next"), 401, "missing_api_key")
@@ -114,6 +117,7 @@ def test_error_shapes(client: httpx.Client, sign: Sign) -> None:
     assert client.get("/job/next", headers=sign()).status_code == 204  # nothing stored
 
 
+@pytest.mark.backends
 def test_admin_login_page_and_its_styles(client: httpx.Client) -> None:
     assert client.get("/admin/").status_code == 302
     login = client.get("/admin/login/")
@@ -182,6 +186,7 @@ def _get(
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
+@pytest.mark.backends
 @pytest.mark.usefixtures("client")
 def test_pipelined_answers_arrive_whole_in_order_with_their_length(
     gateway: DaphneProcess, sign: Sign
@@ -208,6 +213,7 @@ def test_pipelined_answers_arrive_whole_in_order_with_their_length(
     assert json.loads(missing.body)["error"] == "not_found"
 
 
+@pytest.mark.backends
 @pytest.mark.usefixtures("client")
 def test_large_responses_sent_in_parts_arrive_whole_in_order(
     transactional_db: None, sign: Sign

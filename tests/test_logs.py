@@ -65,6 +65,7 @@ def test_json_lines_carry_the_ids() -> None:
     assert "request_id" not in json.loads(JsonFormatter().format(plain))
 
 
+@pytest.mark.backends
 async def test_api_echoes_a_sane_request_id(api: httpx.AsyncClient, sign: Sign) -> None:
     sane = await api.get("/health", headers={**sign(), "X-Request-ID": "req-42"})
     assert sane.headers["X-Request-ID"] == "req-42"
@@ -90,6 +91,7 @@ def json_lines(output: str) -> list[dict[str, Any]]:
     return lines
 
 
+@pytest.mark.backends
 @pytest.mark.processes
 async def test_no_secret_reaches_any_log(json_gateway: DaphneProcess) -> None:
     headers = signed_headers(API_KEY, HMAC_SECRET)
@@ -151,6 +153,7 @@ async def test_no_secret_reaches_any_log(json_gateway: DaphneProcess) -> None:
     assert '"GET /health?api_key=[redacted]" 200' in output
 
 
+@pytest.mark.backends
 @pytest.mark.processes
 async def test_daphne_at_its_highest_verbosity_logs_no_secret(
     transactional_db: None,
@@ -167,6 +170,7 @@ async def test_daphne_at_its_highest_verbosity_logs_no_secret(
     assert SECRET not in output
 
 
+@pytest.mark.backends
 @pytest.mark.processes
 async def test_plain_lines_redact_too(live_gateway: Any) -> None:
     async with httpx.AsyncClient(

@@ -19,7 +19,7 @@ import pytest
 from testkit.servers import REPO_ROOT, DaphneProcess
 from tests.conftest import LiveGateway, process_env
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.backends, pytest.mark.processes]
 
 WAKE_WITHIN_SECONDS = 0.1
 

@@ -22,6 +22,9 @@ from tests.stack import API_KEY, HMAC_SECRET
 Sign = Callable[..., dict[str, str]]
 
 
+pytestmark = pytest.mark.backends
+
+
 def samples(text: str) -> dict[str, float]:
     """``name`` or ``name{label="v"}`` -> value, for every sample scraped."""
     found: dict[str, float] = {}

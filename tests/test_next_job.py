@@ -22,7 +22,7 @@ from jobs.queues import get_queue
 
 Sign = Callable[..., dict[str, str]]
 
-pytestmark = pytest.mark.usefixtures("queue_backend")
+pytestmark = [pytest.mark.backends, pytest.mark.usefixtures("queue_backend")]
 
 CLIENT_IP = "203.0.113.7"  # the address the ``api`` fixture connects from
 

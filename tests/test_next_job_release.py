@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 
 from jobs import wakeups
 from jobs.filters import JobFilter
@@ -55,6 +56,7 @@ async def test_cancelled_claim_releases_the_job_and_wakes_a_waiter() -> None:
     assert await asyncio.wait_for(waiter, 10)  # the job is back: someone looks
 
 
+@pytest.mark.backends
 async def test_release_puts_the_job_back_first(
     api: httpx.AsyncClient, sign: Callable[[], dict[str, str]], queue_backend: str
 ) -> None:

@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection
 from jobs.models import Job
 from tests.conftest import LiveGateway
 from tests.test_poller_gateway import (
-    HEARTBEAT_MS,
+    FAST_HEARTBEAT_MS,
     FakeGateway,
     gateway_env,
     gateway_poller,
@@ -41,7 +41,7 @@ from tests.test_runpoller_e2e import (
     with_own_guid,
 )
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.backends, pytest.mark.processes]
 
 CHAOS_SECONDS = float(os.environ.get("GATEWAY_CHAOS_SECONDS", "15"))
 FAULT_GAP = (2.0, 3.5)  # seconds between two faults
@@ -57,7 +57,7 @@ def fake() -> Iterator[FakeGateway]:
     discord = start_fake_discord()
     try:
         gateway = FakeGateway(discord)
-        gateway.behave(heartbeat_interval=HEARTBEAT_MS)
+        gateway.behave(heartbeat_interval=FAST_HEARTBEAT_MS)
         yield gateway
     finally:
         discord.process.close()

@@ -163,8 +163,13 @@ async def test_polls_spread_evenly_over_the_bucket_even_in_a_burst() -> None:
         async with running(fake) as run:
             await run.gateway.posted("burst-2")
             await run.discord.reached(12)
-    spaced = gaps(arrivals(fake))
-    assert min(spaced) >= 0.15
+    times = arrivals(fake)
+    spaced = gaps(times)
+    # Any five in a row span four gaps: 0.8 s when paced, about none in a burst.
+    # A busy host may hold one arrival back and not the next, so single gaps
+    # may shrink; a span loses at most its two ends' delays.
+    spans = [times[n + 4] - times[n] for n in range(len(times) - 4)]
+    assert min(spans) >= 0.6
     # And the allowance is used: 0.2 s apart on average, give or take a busy host.
     assert sum(spaced) / len(spaced) <= 0.3
     assert fake.state.violations == 0
@@ -177,7 +182,8 @@ async def test_two_channels_poll_concurrently_within_their_buckets() -> None:
         await run.discord.reached(3, CHANNEL)
         await run.discord.reached(3, OTHER)
     first = [arrivals(fake, channel)[0] for channel in (CHANNEL, OTHER)]
-    assert abs(first[0] - first[1]) < 0.2  # neither waited for the other
+    # Neither waited for the other: a wait would be the bucket's 0.5 s.
+    assert abs(first[0] - first[1]) < 0.4
     # Six requests in one bucket of two a second would take over two seconds.
     assert arrivals(fake)[5] - arrivals(fake)[0] < 1.5
     assert fake.state.violations == 0

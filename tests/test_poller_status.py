@@ -19,7 +19,7 @@ from discord_poller import status
 from discord_poller.models import PollerStatus
 from discord_poller.status import StatusReporter
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.backends, pytest.mark.django_db(transaction=True)]
 
 Sign = Callable[[], dict[str, str]]
 
@@ -105,7 +105,7 @@ async def test_a_hung_database_cannot_hold_up_the_stop(
     try:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(StatusReporter(dict).write(), 0.2)
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 5  # not the 10 s of the hang
     finally:
         release.set()
 

@@ -23,7 +23,7 @@ from jobs.models import Job
 from jobs.payloads import PayloadError, parse_job
 from tests.conftest import assert_error
 
-pytestmark = pytest.mark.usefixtures("empty_redis")
+pytestmark = [pytest.mark.backends, pytest.mark.usefixtures("empty_redis")]
 
 Sign = Callable[..., dict[str, str]]
 

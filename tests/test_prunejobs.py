@@ -13,7 +13,7 @@ from pytest_django import Settings
 
 from jobs.models import Job, SingleUse
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.backends, pytest.mark.django_db]
 
 
 def make_job(job_id: str, *, age: timedelta, ttl: timedelta, **values: object) -> Job:

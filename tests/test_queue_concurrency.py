@@ -36,7 +36,13 @@ def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "redis"])
+# The longest module of the suite: under pytest-xdist, a worker per backend.
+@pytest.fixture(
+    params=[
+        pytest.param(backend, marks=pytest.mark.xdist_group(f"queue-{backend}"))
+        for backend in ("sqlite", "postgresql", "redis")
+    ]
+)
 def queue_env(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[dict[str, str]]:

@@ -19,6 +19,9 @@ from tests.stack import STACK
 
 Sign = Callable[..., dict[str, str]]
 
+# Counts live in the cache: Redis on the services stack.
+pytestmark = pytest.mark.backends
+
 
 @pytest.fixture(autouse=True)
 def _fresh_counts(request: pytest.FixtureRequest) -> Iterator[None]:

@@ -23,6 +23,8 @@ from jobs.filters import parse_filter_query
 from jobs.models import Job
 from jobs.payloads import JobDraft
 
+pytestmark = pytest.mark.backends
+
 
 @pytest.fixture
 def redis_queue(transactional_db: None, settings: Any, clean_redis: str) -> str:

@@ -682,6 +682,7 @@ def publish_from_python(gateway: Any, job: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{gateway.base_url}/job", json=job, headers=headers, timeout=10)
 
 
+@pytest.mark.backends
 def test_publish_then_next_job(gateway_vm: LuauVM, live_gateway: Any) -> None:
     job_id = unique_job_id()
     ok, answer, next_ok, job = gateway_vm.run(
@@ -733,6 +734,7 @@ def test_publish_then_next_job(gateway_vm: LuauVM, live_gateway: Any) -> None:
     assert publish.headers["X-NONCE"] != take.headers["X-NONCE"]
 
 
+@pytest.mark.backends
 def test_publish_reports_duplicates_and_bad_fields(gateway_vm: LuauVM) -> None:
     job = {"job_id": unique_job_id(), "message_id": uuid.uuid4().hex, "fields": {}}
     first, second, bad = gateway_vm.run(
@@ -752,11 +754,13 @@ def test_publish_reports_duplicates_and_bad_fields(gateway_vm: LuauVM) -> None:
     assert bad["code"] == "bad_field" and bad["status"] == 400
 
 
+@pytest.mark.backends
 def test_health(gateway_vm: LuauVM) -> None:
     ok, report = gateway_vm.run("return gw:Health()")
     assert ok is True and report["ok"] is True
 
 
+@pytest.mark.backends
 def test_next_job_waits_for_a_job_published_meanwhile(
     gateway_vm: LuauVM, live_gateway: Any
 ) -> None:
@@ -782,6 +786,7 @@ def test_next_job_waits_for_a_job_published_meanwhile(
     assert elapsed < 4.5  # the job ended the wait, not the timeout
 
 
+@pytest.mark.backends
 def test_next_job_on_an_empty_queue_waits_then_returns_nothing(
     gateway_vm: LuauVM,
 ) -> None:
@@ -791,6 +796,7 @@ def test_next_job_on_an_empty_queue_waits_then_returns_nothing(
     assert ok is True and empty is True
 
 
+@pytest.mark.backends
 def test_refused_signatures_return_the_gateways_code(
     vm: LuauVM, live_gateway: Any
 ) -> None:
@@ -830,6 +836,7 @@ def test_refused_signatures_return_the_gateways_code(
         assert result["text"].startswith(f"JobGateway {code} (HTTP 401): ")
 
 
+@pytest.mark.backends
 def test_run_delivers_a_job_from_the_gateway(
     gateway_vm: LuauVM, live_gateway: Any
 ) -> None:
@@ -845,6 +852,7 @@ def test_run_delivers_a_job_from_the_gateway(
     assert len(gateway_vm.requests) == 1
 
 
+@pytest.mark.backends
 def test_a_gateway_that_requires_v2_takes_the_module_and_refuses_replays(
     vm: LuauVM, transactional_db: None
 ) -> None:

@@ -25,7 +25,7 @@ from tests.test_runpoller import (
     start_fake_discord,
 )
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.backends, pytest.mark.processes]
 
 FIXTURES: list[dict[str, Any]] = json.loads(
     (Path(__file__).parent / "fixtures" / "discord_embeds.json").read_text("utf-8")

@@ -15,7 +15,7 @@ from jobs.models import Job
 from tests.conftest import assert_error
 from tests.stack import API_KEY, HMAC_SECRET
 
-pytestmark = pytest.mark.usefixtures("empty_redis")
+pytestmark = [pytest.mark.backends, pytest.mark.usefixtures("empty_redis")]
 
 Sign = Callable[..., dict[str, str]]
 

@@ -29,7 +29,11 @@ from testkit.servers import DaphneProcess
 from tests.conftest import process_env
 from tests.stack import API_KEY, HMAC_SECRET
 
-pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]
+pytestmark = [
+    pytest.mark.backends,
+    pytest.mark.processes,
+    pytest.mark.usefixtures("empty_redis"),
+]
 
 SECOND_KEY, SECOND_SECRET = "second-api-key", "second-hmac-secret"
 

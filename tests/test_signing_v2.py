@@ -33,7 +33,7 @@ from jobs.responses import ApiError
 from testkit.servers import REPO_ROOT
 from tests.stack import API_KEY, HMAC_SECRET
 
-pytestmark = pytest.mark.usefixtures("empty_redis")
+pytestmark = [pytest.mark.backends, pytest.mark.usefixtures("empty_redis")]
 
 NOW = 1_700_000_000
 NONCE = "000102030405060708090a0b0c0d0e0f"

@@ -25,7 +25,7 @@ from jobs import redis_clients, tickets
 from testkit.servers import free_port
 from tests.stack import API_KEY, HMAC_SECRET, STACK
 
-pytestmark = pytest.mark.usefixtures("transactional_db")
+pytestmark = [pytest.mark.backends, pytest.mark.usefixtures("transactional_db")]
 
 
 @pytest.fixture(autouse=True)

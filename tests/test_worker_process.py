@@ -30,7 +30,11 @@ from testkit.servers import REPO_ROOT
 from tests.conftest import LiveGateway
 from tests.stack import API_KEY, HMAC_SECRET
 
-pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]
+pytestmark = [
+    pytest.mark.backends,
+    pytest.mark.processes,
+    pytest.mark.usefixtures("empty_redis"),
+]
 
 
 class WorkerProcess:

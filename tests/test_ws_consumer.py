@@ -33,7 +33,7 @@ from jobs.models import Job
 from jobs.payloads import JobDraft
 from tests.stack import API_KEY, HMAC_SECRET
 
-pytestmark = pytest.mark.usefixtures("transactional_db")
+pytestmark = [pytest.mark.backends, pytest.mark.usefixtures("transactional_db")]
 
 Headers = list[tuple[bytes, bytes]]
 KEY_HEADER: Headers = [(b"x-api-key", API_KEY.encode())]
