@@ -23,6 +23,8 @@ from pytest_django import Settings
 
 from jobs.adminlogin import LOCKED_TEMPLATE, client_address
 
+pytestmark = pytest.mark.backends
+
 LOGIN = "/admin/login/"
 PASSWORD = "correct horse battery staple"
 WRONG = "hunter2-but-wrong"

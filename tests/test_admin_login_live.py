@@ -19,6 +19,8 @@ from django.contrib.auth.models import User
 from testkit.servers import DaphneProcess
 from tests.conftest import process_env
 
+pytestmark = pytest.mark.backends
+
 LOGIN = "/admin/login/"
 PASSWORD = "correct horse battery staple"
 WRONG = "hunter2-but-wrong"

@@ -25,7 +25,7 @@ from testkit.servers import LOOPBACK, REPO_ROOT, DaphneProcess
 from tests.conftest import process_env
 from tests.stack import API_KEY, HMAC_SECRET, STACK
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.backends, pytest.mark.processes]
 
 Sign = Callable[..., dict[str, str]]
 

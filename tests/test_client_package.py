@@ -28,7 +28,11 @@ from testkit.servers import REPO_ROOT
 from tests.conftest import LiveGateway
 from tests.test_worker_process import WorkerProcess
 
-pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]
+pytestmark = [
+    pytest.mark.backends,
+    pytest.mark.processes,
+    pytest.mark.usefixtures("empty_redis"),
+]
 
 DISTRIBUTION = "job-gateway-client"
 _INSTALL_TIMEOUT = 300

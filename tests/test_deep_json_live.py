@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 from websockets.sync.client import connect
 
 from gateway_client.signing import signed_headers
 from tests.conftest import LiveGateway, assert_error
 from tests.stack import API_KEY, HMAC_SECRET
+
+pytestmark = pytest.mark.backends
 
 
 def test_a_deep_body_and_a_deep_frame_are_bad_json(live_gateway: LiveGateway) -> None:

@@ -28,7 +28,11 @@ import pytest
 from testkit.servers import REPO_ROOT, DaphneProcess
 from tests.conftest import process_env
 
-pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]
+pytestmark = [
+    pytest.mark.backends,
+    pytest.mark.processes,
+    pytest.mark.usefixtures("empty_redis"),
+]
 
 DOCUMENTS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 CHECKED_LANGUAGES = {"sh", "bash", "shell", "console", "python", "py"}

@@ -96,7 +96,7 @@ async def test_unexpected_failure_is_500_json_without_details(
 async def test_database_failure_while_claiming_is_503(
     api: httpx.AsyncClient, sign: Sign, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def down(self: object, claimer: str, job_filter: object = None) -> NoReturn:
+    async def down(self: object, *args: object, **kwargs: object) -> NoReturn:
         raise OperationalError("could not connect to server")
 
     monkeypatch.setattr(DatabaseQueue, "claim", down)

@@ -528,6 +528,7 @@ def table_write_blocked(pk: int) -> Iterator[None]:
         pg.rollback()
 
 
+@pytest.mark.backends
 async def test_a_redis_claim_cut_off_by_a_kill_is_put_back(
     transactional_db: None, clean_redis: str
 ) -> None:

@@ -153,11 +153,11 @@ async def test_a_filtered_long_poll_is_woken_only_by_a_matching_job(
     real_claim = queue.claim
 
     async def counted_claim(
-        self: queues.Queue, claimer: str, job_filter: JobFilter | None = None
+        self: queues.Queue, claimer: str, *args: Any
     ) -> dict[str, Any] | None:
         nonlocal claims
         claims += 1
-        return await real_claim(self, claimer, job_filter)
+        return await real_claim(self, claimer, *args)
 
     monkeypatch.setattr(queue, "claim", counted_claim)
     waiting = asyncio.Event()

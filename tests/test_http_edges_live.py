@@ -14,7 +14,7 @@ from testkit.servers import LOOPBACK, DaphneProcess
 from tests.conftest import process_env
 from tests.stack import API_KEY, HMAC_SECRET, STACK
 
-pytestmark = pytest.mark.processes
+pytestmark = [pytest.mark.backends, pytest.mark.processes]
 
 Sign = Callable[..., dict[str, str]]
 

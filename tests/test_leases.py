@@ -26,7 +26,7 @@ from tests.conftest import assert_error
 
 Sign = Callable[..., dict[str, str]]
 
-pytestmark = pytest.mark.usefixtures("queue_backend")
+pytestmark = [pytest.mark.backends, pytest.mark.usefixtures("queue_backend")]
 
 
 async def publish(api: httpx.AsyncClient, sign: Sign, **job: Any) -> dict[str, Any]:

@@ -249,6 +249,7 @@ def _raw_controls(text: str) -> list[str]:
     return [char for char in text if not char.isprintable() and char != "\n"]
 
 
+@pytest.mark.backends
 @pytest.mark.processes
 @pytest.mark.parametrize("log_format", ["text", "json"])
 async def test_a_request_cannot_forge_a_log_line(

@@ -34,6 +34,7 @@ class SlowQueue:
         self.released.append(job)
 
 
+@pytest.mark.backends
 async def test_cancelled_claim_releases_the_job_and_wakes_a_waiter() -> None:
     await wakeups.listen()  # as a long-poll does: the release comes over the bus
     signal = wakeups.signal()

@@ -35,7 +35,11 @@ from testkit.servers import REPO_ROOT, DaphneProcess, PostgresServer
 from tests.conftest import process_env
 from tests.stack import API_KEY, HMAC_SECRET, STACK
 
-pytestmark = [pytest.mark.processes, pytest.mark.usefixtures("empty_redis")]
+pytestmark = [
+    pytest.mark.backends,
+    pytest.mark.processes,
+    pytest.mark.usefixtures("empty_redis"),
+]
 
 PUBLISHERS = 8
 JOBS_EACH = 60

@@ -893,6 +893,7 @@ def test_a_gateway_that_requires_v2_takes_the_module_and_refuses_replays(
         assert old == "signature_v2_required"
 
 
+@pytest.mark.backends
 def test_lease_then_release_when_full_then_ack(
     gateway_vm: LuauVM, live_gateway: Any
 ) -> None:

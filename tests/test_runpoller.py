@@ -241,6 +241,7 @@ def test_a_bare_host_and_port_is_the_gateway_over_plain_http(
     assert (job.job_id, job.message_id) == ("over-the-private-network", posted["id"])
 
 
+@pytest.mark.backends
 @pytest.mark.processes
 def test_a_rejected_token_exits_nonzero_without_showing_it(
     live_gateway: LiveGateway, fake_discord: FakeDiscordProcess
@@ -304,6 +305,7 @@ def run_once(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.backends
 @pytest.mark.processes
 def test_once_fails_naming_the_url_when_discord_is_unreachable(
     transactional_db: None,
@@ -330,6 +332,7 @@ def test_once_fails_naming_the_url_when_discord_is_unreachable(
     assert PollerStatus.objects.get().report["state"] == "failed"
 
 
+@pytest.mark.backends
 @pytest.mark.processes
 def test_once_fails_when_one_channel_of_two_cannot_be_read(
     transactional_db: None, fake_discord: FakeDiscordProcess

@@ -35,7 +35,7 @@ from testkit.servers import (
 from tests.conftest import process_env
 from tests.stack import API_KEY, HMAC_SECRET
 
-pytestmark = pytest.mark.usefixtures("transactional_db")
+pytestmark = [pytest.mark.backends, pytest.mark.usefixtures("transactional_db")]
 
 CLIENTS = 24
 DEADLINE = 30.0

@@ -26,7 +26,7 @@ from jobs.models import SingleUse
 from tests.conftest import LiveGateway, assert_error, database_url
 from tests.stack import API_KEY, HMAC_SECRET
 
-pytestmark = pytest.mark.usefixtures("transactional_db")
+pytestmark = [pytest.mark.backends, pytest.mark.usefixtures("transactional_db")]
 
 # Django's local-memory cache, the store before this one, held 300 entries.
 MORE_THAN_AN_EVICTING_CACHE_HOLDS = 1_000

@@ -102,6 +102,7 @@ async def test_wake_one_with_nobody_waiting_does_nothing() -> None:
     waiter.cancel()
 
 
+@pytest.mark.backends
 async def test_a_synchronous_announce_wakes_each_loop() -> None:
     # An operator's requeue, in a thread of its own: over the bus, sent from
     # every loop of the process on the in-memory layer (its queues belong to
@@ -112,6 +113,7 @@ async def test_a_synchronous_announce_wakes_each_loop() -> None:
     assert await asyncio.wait_for(waiter, 10) == wakeups.Woken(None)
 
 
+@pytest.mark.backends
 async def test_an_announced_job_wakes_one_waiter_over_the_bus() -> None:
     # A claim put back: one waiter looks, as for a publish.
     await wakeups.listen()
@@ -139,6 +141,7 @@ async def test_a_waiter_hearing_nothing_looks_again_before_its_wait_ends(
     assert await signal.wait(generation, 0.1) is None
 
 
+@pytest.mark.backends
 async def test_joining_the_bus_again_after_a_loss_wakes_every_waiter(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
