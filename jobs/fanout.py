@@ -170,6 +170,15 @@ class Hub:
         return set(self._filters)
 
     @property
+    def newest(self) -> int | None:
+        """The newest job id this process knows committed; None if none or unknown.
+
+        Once a client is attached it is at least the newest id committed
+        before it subscribed, and a job newer than it reaches the client live.
+        """
+        return self.high or None
+
+    @property
     def backlog(self) -> int:
         """Jobs received from the bus and not yet being written to clients."""
         return 0 if self._inbox is None else self._inbox.qsize()
