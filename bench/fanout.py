@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from bench.baseline import add_baseline_arguments, seed_factory
@@ -65,6 +65,7 @@ from bench.common import (
 from bench.fanout_client import ClientPool, Expected, publish_jobs, tally
 from bench.fanout_proc import cpu_seconds, rss_kib, settle
 from bench.gateway import Gateway
+from bench.trace.fanout_trace import TRACE_VARIABLE, describe
 from gateway_project.server import LEAVE_OUT_VARIABLE
 from testkit.servers import LOOPBACK, RedisServer
 
@@ -168,6 +169,7 @@ class Side:
     latencies: dict[int, array.array[float]] = field(default_factory=dict)
     last_latencies: dict[int, array.array[float]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    trace: Path | None = None
 
     @property
     def gateway(self) -> bool:
@@ -214,6 +216,7 @@ def build_sides(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[S
         side.redis = server
         return server.url
 
+    trace = _tracing(args)
     if "embedded" in wanted:
         if seed is not None:
             sides.append(
@@ -231,7 +234,7 @@ def build_sides(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[S
                 "embedded",
                 "gateway (SQLite, in-memory layer)",
                 False,
-                lambda side: Gateway(access_log=access_log),
+                lambda side: Gateway(access_log=access_log, **trace(side)),
                 compare_to="seed-memory" if seed else None,
             )
         )
@@ -244,7 +247,9 @@ def build_sides(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[S
                 "embedded",
                 f"gateway at {args.gateway_ref}",
                 False,
-                lambda side: Gateway(access_log=access_log, source=source),
+                lambda side: Gateway(
+                    access_log=access_log, source=source, **trace(side)
+                ),
                 compare_to="seed-memory" if seed else None,
             )
         )
@@ -307,6 +312,29 @@ def build_sides(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[S
             )
         )
     return sides
+
+
+def _tracing(args: argparse.Namespace) -> Callable[[Side], dict[str, Any]]:
+    """A side's Gateway options: served through bench/trace with --trace."""
+    folder: Path | None = args.trace
+
+    def options(side: Side) -> dict[str, Any]:
+        if folder is None:
+            return {}
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{side.key}.jsonl"
+        path.unlink(missing_ok=True)
+        side.trace = path
+        return {
+            "application": "fanout_trace:application",
+            "extra_env": {
+                TRACE_VARIABLE: str(path),
+                # The tracer alone on the path: any checkout's gateway finds it.
+                "PYTHONPATH": str(REPO_ROOT / "bench" / "trace"),
+            },
+        }
+
+    return options
 
 
 def _layer_gateway(
@@ -1000,6 +1028,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="N processes spinning on the CPU during the measured rounds "
         "(a competing load)",
     )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        metavar="DIR",
+        help="trace where frames wait in the embedded gateways' hubs (bench/trace), "
+        "one file per side in DIR, and summarise them",
+    )
     parser.add_argument("--json", type=Path, help="where to save every figure")
     args = parser.parse_args(argv)
     args.configs = {c.strip() for c in args.configs.split(",") if c.strip()}
@@ -1087,6 +1122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(rounds_table(sides))
     print(f"\nLoad average at the end: {_load_average()}")
+    for side in sides:
+        if side.trace is not None and side.trace.exists():
+            lines = side.trace.read_text().splitlines()
+            print("\nWhere frames waited, " + describe(side.label, lines))
     print(f"\nTargets at {max(args.clients):,} clients:")
     for line in verdicts(rows, max(args.clients)):
         print(line)
