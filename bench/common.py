@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -173,3 +177,20 @@ def fmt(value: float | None, digits: int = 0, suffix: str = "") -> str:
     if value is None:
         return "-"
     return f"{value:,.{digits}f}{suffix}"
+
+
+@contextlib.contextmanager
+def checkout(ref: str) -> Iterator[Path]:
+    """A temporary worktree of ``ref``, removed on the way out."""
+    folder = Path(tempfile.mkdtemp(prefix="bench-ref-")) / "tree"
+    git = ["git", "-C", str(REPO_ROOT)]
+    subprocess.run(
+        [*git, "worktree", "add", "--detach", "-q", str(folder), ref], check=True
+    )
+    try:
+        yield folder
+    finally:
+        subprocess.run(
+            [*git, "worktree", "remove", "--force", str(folder)], check=False
+        )
+        shutil.rmtree(folder.parent, ignore_errors=True)

@@ -4,6 +4,10 @@
     python -m bench.fanout            # 100 and 1,000 clients, 2 rounds (< 5 min)
     python -m bench.fanout --quick --no-baseline --configs embedded --without PATCH
                                       # what one server patch earns
+    python -m bench.fanout --configs embedded --clients 1000 --jobs 100 \
+        --rounds 5 --gateway-ref main # the seed, this checkout and main's gateway
+    python -m bench.fanout --configs redis --processes 2
+                                      # adds manage.py serve, 2 processes on Redis
 
 N clients hold ``/ws`` open on one server while K jobs are published through
 signed ``POST /job`` at a steady rate. Each job carries its send time
@@ -19,7 +23,10 @@ invocation, alternately, so that the noise of a shared machine falls on both:
 
 Memory is the server's resident set (VmRSS, with any child processes): idle
 after a warm-up, then with the N clients connected. The clients run in this
-process and share the machine's cores with the server under test.
+process and share the machine's cores with the server under test; the client
+CPU column says how much of its one core the load took (near 100 % it would
+be measuring itself). ``--busy N`` adds N processes spinning on the CPU for the
+whole measured run: the competing load of a shared machine, the same for all.
 """
 
 from __future__ import annotations
@@ -34,19 +41,21 @@ import os
 import resource
 import secrets
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from bench.baseline import add_baseline_arguments, seed_factory
 from bench.common import (
     REPO_ROOT,
     RESULTS_DIR,
+    checkout,
     fmt,
     format_table,
     machine_summary,
@@ -56,6 +65,7 @@ from bench.common import (
 from bench.fanout_client import ClientPool, Expected, publish_jobs, tally
 from bench.fanout_proc import cpu_seconds, rss_kib, settle
 from bench.gateway import Gateway
+from bench.trace.fanout_trace import TRACE_VARIABLE, describe
 from gateway_project.server import LEAVE_OUT_VARIABLE
 from testkit.servers import LOOPBACK, RedisServer
 
@@ -72,7 +82,7 @@ SETTLE_TIMEOUT = 10.0
 WARMUP_CLIENTS = 20
 WARMUP_JOBS = 10
 # Targets of the issue, at the largest client count.
-TARGET_P99 = {"embedded": 1.5, "redis-pubsub": 3.0, "redis": 3.0}
+TARGET_P99 = {"embedded": 1.5, "redis-pubsub": 3.0, "redis": 3.0, "serve": 1.0}
 TARGET_MEMORY = 1.5
 
 
@@ -120,6 +130,7 @@ class PhaseResult:
     jobs_accepted: int
     publish_errors: dict[str, int]
     post_p50_ms: float | None
+    post_p99_ms: float | None
     expected: int
     delivered: int
     missing: int
@@ -128,6 +139,10 @@ class PhaseResult:
     p50_ms: float | None
     p99_ms: float | None
     max_ms: float | None
+    # Per job, the latency of its last client: when the whole fan-out was done.
+    last_p50_ms: float | None
+    last_p99_ms: float | None
+    last_max_ms: float | None
     seconds: float
     server_cpu_s: float
     redis_cpu_s: float | None
@@ -152,7 +167,9 @@ class Side:
     idle_rss_kib: int | None = None
     phases: list[PhaseResult] = field(default_factory=list)
     latencies: dict[int, array.array[float]] = field(default_factory=dict)
+    last_latencies: dict[int, array.array[float]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    trace: Path | None = None
 
     @property
     def gateway(self) -> bool:
@@ -199,6 +216,7 @@ def build_sides(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[S
         side.redis = server
         return server.url
 
+    trace = _tracing(args)
     if "embedded" in wanted:
         if seed is not None:
             sides.append(
@@ -216,7 +234,22 @@ def build_sides(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[S
                 "embedded",
                 "gateway (SQLite, in-memory layer)",
                 False,
-                lambda side: Gateway(access_log=access_log),
+                lambda side: Gateway(access_log=access_log, **trace(side)),
+                compare_to="seed-memory" if seed else None,
+            )
+        )
+    if args.gateway_ref:
+        # Another commit's gateway, same stack: before and after a change.
+        source = stack.enter_context(checkout(args.gateway_ref))
+        sides.append(
+            Side(
+                f"gateway-{args.gateway_ref}",
+                "embedded",
+                f"gateway at {args.gateway_ref}",
+                False,
+                lambda side: Gateway(
+                    access_log=access_log, source=source, **trace(side)
+                ),
                 compare_to="seed-memory" if seed else None,
             )
         )
@@ -236,11 +269,13 @@ def build_sides(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[S
             )
         )
     redis_configs = [c for c in ("redis-pubsub", "redis") if c in wanted]
-    reason = RedisServer.unavailable_reason() if redis_configs else None
+    processes: int | None = args.processes
+    reason = RedisServer.unavailable_reason() if redis_configs or processes else None
     if reason:
         print(f"Skipping the Redis rows: {reason}.")
         redis_configs = []
-    if redis_configs and seed is not None:
+        processes = None
+    if (redis_configs or processes) and seed is not None:
         sides.append(
             Side(
                 "seed-redis",
@@ -261,7 +296,45 @@ def build_sides(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[S
                 compare_to="seed-redis" if seed else None,
             )
         )
+    if processes:
+        sides.append(
+            Side(
+                f"gateway-serve-{processes}",
+                "serve",
+                f"gateway, manage.py serve, {processes} processes (Redis)",
+                False,
+                lambda side: Gateway(
+                    redis_url=redis_for(side),
+                    access_log=access_log,
+                    processes=processes,
+                ),
+                compare_to="seed-redis" if seed else None,
+            )
+        )
     return sides
+
+
+def _tracing(args: argparse.Namespace) -> Callable[[Side], dict[str, Any]]:
+    """A side's Gateway options: served through bench/trace with --trace."""
+    folder: Path | None = args.trace
+
+    def options(side: Side) -> dict[str, Any]:
+        if folder is None:
+            return {}
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{side.key}.jsonl"
+        path.unlink(missing_ok=True)
+        side.trace = path
+        return {
+            "application": "fanout_trace:application",
+            "extra_env": {
+                TRACE_VARIABLE: str(path),
+                # The tracer alone on the path: any checkout's gateway finds it.
+                "PYTHONPATH": str(REPO_ROOT / "bench" / "trace"),
+            },
+        }
+
+    return options
 
 
 def _layer_gateway(
@@ -298,7 +371,7 @@ async def _phase(
     rate: float,
     number: int,
     every_server: Sequence[int] = (),
-) -> tuple[PhaseResult, list[float]]:
+) -> tuple[PhaseResult, list[float], list[float]]:
     loop = asyncio.get_running_loop()
     steps: dict[str, float] = {}
     clock = time.monotonic()
@@ -367,6 +440,9 @@ async def _phase(
         until=until,
     )
     latencies = sorted(counted.latencies_ms)
+    last = sorted(counted.last_ms.values())
+    answers = sorted(publication.answer_ms.values())
+    unanswered = len(publication.unanswered)
     result = PhaseResult(
         clients=clients,
         round=number,
@@ -377,11 +453,8 @@ async def _phase(
         rss_after_kib=rss_after,
         jobs_accepted=len(publication.accepted),
         publish_errors=dict(publication.errors),
-        post_p50_ms=percentile(
-            sorted(publication.answer_ms.values()),
-            50,
-            missing=len(publication.unanswered),
-        ),
+        post_p50_ms=percentile(answers, 50, missing=unanswered),
+        post_p99_ms=percentile(answers, 99, missing=unanswered),
         expected=counted.expected,
         delivered=len(latencies),
         missing=counted.missing,
@@ -390,6 +463,9 @@ async def _phase(
         p50_ms=percentile(latencies, 50, missing=counted.missing),
         p99_ms=percentile(latencies, 99, missing=counted.missing),
         max_ms=percentile(latencies, 100, missing=counted.missing),
+        last_p50_ms=percentile(last, 50),
+        last_p99_ms=percentile(last, 99),
+        last_max_ms=percentile(last, 100),
         seconds=seconds,
         server_cpu_s=server_cpu,
         redis_cpu_s=redis_cpu,
@@ -397,7 +473,7 @@ async def _phase(
         aborted_closes=aborted,
         steps=steps,
     )
-    return result, latencies
+    return result, latencies, last
 
 
 def measure(
@@ -410,18 +486,20 @@ def measure(
 ) -> None:
     """Run one phase on ``side`` and record it."""
     started = time.monotonic()
-    result, latencies = run_async(
+    result, latencies, last = run_async(
         _phase(side, clients, jobs, rate, number, every_server)
     )
     side.phases.append(result)
     side.latencies.setdefault(clients, array.array("d")).extend(latencies)
+    side.last_latencies.setdefault(clients, array.array("d")).extend(last)
     for problem in _problems(result, clients, jobs):
         side.problems.append(f"N={clients} round {number + 1}: {problem}")
     print(
         f"  {side.label:<50} p50 {_ms(result.p50_ms):>8}  "
         f"p99 {_ms(result.p99_ms):>8}  max {_ms(result.max_ms):>8}  "
         f"missing {result.missing:,}/{result.expected:,}  "
-        f"dup {result.duplicated}  POST {_ms(result.post_p50_ms)}  "
+        f"dup {result.duplicated}  last client p99 {_ms(result.last_p99_ms)}  "
+        f"POST p50 {_ms(result.post_p50_ms)} p99 {_ms(result.post_p99_ms)}  "
         f"RSS {fmt(_mib(result.rss_connected_kib), 1)} MiB  "
         f"({time.monotonic() - started:.0f} s: "
         + ", ".join(f"{name} {value:.0f}" for name, value in result.steps.items())
@@ -450,7 +528,7 @@ def _problems(result: PhaseResult, clients: int, jobs: int) -> list[str]:
 
 def warm_up(side: Side, rate: float, every_server: Sequence[int]) -> None:
     """First connections pay for imports, threads and pools; then idle memory."""
-    result, _ = run_async(
+    result, _, _ = run_async(
         _phase(side, WARMUP_CLIENTS, WARMUP_JOBS, rate, -1, every_server)
     )
     if result.missing or result.connected < WARMUP_CLIENTS:
@@ -503,6 +581,9 @@ class Row:
     p50: float | None
     p99: float | None
     max: float | None
+    last_p50: float | None
+    last_p99: float | None
+    last_max: float | None
     missing: int
     duplicated: int
     expected: int
@@ -511,6 +592,7 @@ class Row:
     per_client_kib: float | None
     connect_rate: float | None
     post_p50: float | None
+    post_p99: float | None
     server_us_per_frame: float | None
     redis_us_per_frame: float | None
     client_cpu_share: float | None
@@ -530,6 +612,7 @@ def summarise(sides: Sequence[Side], client_counts: Sequence[int]) -> list[Row]:
             if not phases:
                 continue
             pooled = sorted(side.latencies.get(clients, array.array("d")))
+            last = sorted(side.last_latencies.get(clients, array.array("d")))
             idle = side.idle_rss_kib
             frames = [p.delivered for p in phases]
             # The lowest of the rounds: a later one also holds what an earlier
@@ -546,6 +629,9 @@ def summarise(sides: Sequence[Side], client_counts: Sequence[int]) -> list[Row]:
                 p50=percentile(pooled, 50, missing=missing),
                 p99=percentile(pooled, 99, missing=missing),
                 max=percentile(pooled, 100, missing=missing),
+                last_p50=percentile(last, 50),
+                last_p99=percentile(last, 99),
+                last_max=percentile(last, 100),
                 missing=missing,
                 duplicated=sum(p.duplicated for p in phases),
                 expected=sum(p.expected for p in phases),
@@ -564,6 +650,7 @@ def summarise(sides: Sequence[Side], client_counts: Sequence[int]) -> list[Row]:
                     ]
                 ),
                 post_p50=_median([p.post_p50_ms for p in phases]),
+                post_p99=_median([p.post_p99_ms for p in phases]),
                 server_us_per_frame=_per_frame(
                     [p.server_cpu_s for p in phases], frames
                 ),
@@ -634,6 +721,7 @@ def latency_table(rows: Sequence[Row]) -> str:
         "p50 ms",
         "p99 ms",
         "max ms",
+        "last client p50 / p99 / max ms",
         "missing",
         "dup",
         "RSS idle MiB",
@@ -650,6 +738,7 @@ def latency_table(rows: Sequence[Row]) -> str:
             _latency(row.p50),
             _latency(row.p99),
             _latency(row.max),
+            " / ".join(_latency(v) for v in (row.last_p50, row.last_p99, row.last_max)),
             f"{row.missing:,} / {row.expected:,}",
             str(row.duplicated),
             fmt(row.rss_idle_mib, 1),
@@ -670,6 +759,7 @@ def cost_table(rows: Sequence[Row]) -> str:
         "N",
         "handshakes/s",
         "POST /job p50 ms",
+        "POST /job p99 ms",
         "server CPU",
         "server CPU µs/frame",
         "Redis CPU µs/frame",
@@ -683,6 +773,7 @@ def cost_table(rows: Sequence[Row]) -> str:
             f"{row.clients:,}",
             fmt(row.connect_rate),
             _latency(row.post_p50),
+            _latency(row.post_p99),
             _share(row.server_cpu_share),
             fmt(row.server_us_per_frame, 1),
             fmt(row.redis_us_per_frame, 1),
@@ -691,6 +782,57 @@ def cost_table(rows: Sequence[Row]) -> str:
         ]
         for row in rows
     ]
+    return format_table(header, body)
+
+
+def rounds_table(sides: Sequence[Side]) -> str:
+    """Every phase of every side, round by round."""
+    header = [
+        "N",
+        "round",
+        "server",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "last client p99 ms",
+        "missing",
+        "POST /job p99 ms",
+        "handshakes/s",
+        "p99 vs its reference",
+    ]
+    by_key = {side.key: side for side in sides}
+    body = []
+    for side in sides:
+        base = by_key.get(side.compare_to or "")
+        for phase in side.phases:
+            theirs = next(
+                (
+                    p
+                    for p in (base.phases if base else [])
+                    if p.clients == phase.clients and p.round == phase.round
+                ),
+                None,
+            )
+            body.append(
+                [
+                    f"{phase.clients:,}",
+                    str(phase.round + 1),
+                    side.server,
+                    _latency(phase.p50_ms),
+                    _latency(phase.p99_ms),
+                    _latency(phase.max_ms),
+                    _latency(phase.last_p99_ms),
+                    f"{phase.missing:,}",
+                    _latency(phase.post_p99_ms),
+                    fmt(
+                        phase.connected / phase.connect_seconds
+                        if phase.connect_seconds
+                        else None
+                    ),
+                    _times(_ratio(phase.p99_ms, theirs.p99_ms if theirs else None)),
+                ]
+            )
+    body.sort(key=lambda row: (int(row[0].replace(",", "")), int(row[1])))
     return format_table(header, body)
 
 
@@ -718,7 +860,7 @@ def verdicts(rows: Sequence[Row], clients: int) -> list[str]:
             f"memory per client {_times(row.memory_ratio)}, target <= "
             f"{TARGET_MEMORY}x ({_met(row.memory_ratio, TARGET_MEMORY)})",
         ]
-        lines.append(f"  {row.side.config}: " + "; ".join(checks))
+        lines.append(f"  {row.side.server}: " + "; ".join(checks))
     return lines
 
 
@@ -747,6 +889,9 @@ def save(
             "rate": args.rate,
             "configs": sorted(args.configs),
             "access_log": args.access_log,
+            "gateway_ref": args.gateway_ref,
+            "processes": args.processes,
+            "busy": args.busy,
         },
         "sides": [
             {
@@ -776,6 +921,10 @@ def save(
                         "per_client_kib",
                         "connect_rate",
                         "post_p50",
+                        "post_p99",
+                        "last_p50",
+                        "last_p99",
+                        "last_max",
                         "server_us_per_frame",
                         "redis_us_per_frame",
                         "client_cpu_share",
@@ -858,6 +1007,34 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="add the embedded gateway without server patch PATCH "
         "(gateway_project/server), compared with the embedded gateway",
     )
+    parser.add_argument(
+        "--gateway-ref",
+        metavar="REF",
+        help="add the embedded gateway of git commit REF (a temporary worktree), "
+        "compared with the seed: before and after a change, in one run",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="add the gateway on Redis under manage.py serve with N daphne "
+        "processes on one port, compared with the seed on Redis",
+    )
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N processes spinning on the CPU during the measured rounds "
+        "(a competing load)",
+    )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        metavar="DIR",
+        help="trace where frames wait in the embedded gateways' hubs (bench/trace), "
+        "one file per side in DIR, and summarise them",
+    )
     parser.add_argument("--json", type=Path, help="where to save every figure")
     args = parser.parse_args(argv)
     args.configs = {c.strip() for c in args.configs.split(",") if c.strip()}
@@ -869,6 +1046,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.rounds = args.rounds or (1 if quick else 2)
     if not 0 < args.rate <= 1000:
         parser.error("--rate must be between 0 and 1000 jobs per second")
+    if args.processes is not None and not 1 <= args.processes <= 64:
+        parser.error("--processes must be between 1 and 64")
+    if not 0 <= args.busy <= 64:
+        parser.error("--busy must be between 0 and 64")
     for name in ("jobs", "rounds"):
         if not 1 <= getattr(args, name) <= 10_000:
             parser.error(f"--{name} must be between 1 and 10,000")
@@ -900,6 +1081,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("Warming up...")
         for side in sides:
             warm_up(side, args.rate, every_server)
+        if args.busy:
+            print(f"Competing load: {args.busy} process(es) spinning on the CPU.")
+            stack.enter_context(busy_load(args.busy))
         step = 0
         skipped: list[str] = []
         for clients in args.clients:
@@ -935,6 +1119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(latency_table(rows))
     print()
     print(cost_table(rows))
+    print()
+    print(rounds_table(sides))
+    print(f"\nLoad average at the end: {_load_average()}")
+    for side in sides:
+        if side.trace is not None and side.trace.exists():
+            lines = side.trace.read_text().splitlines()
+            print("\nWhere frames waited, " + describe(side.label, lines))
     print(f"\nTargets at {max(args.clients):,} clients:")
     for line in verdicts(rows, max(args.clients)):
         print(line)
@@ -950,6 +1141,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"\nFigures saved to {_shown(path)}; took {time.monotonic() - started:.0f} s."
     )
     return 1 if problems else 0
+
+
+@contextlib.contextmanager
+def busy_load(count: int) -> Iterator[None]:
+    """``count`` processes spinning on the CPU until the block ends."""
+    spinners = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def _load_average() -> str:
+    try:
+        return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def _shown(path: Path) -> str:

@@ -16,6 +16,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -436,6 +437,8 @@ class Tally:
     """Delivery of one phase: a latency per (client, job), and the losses."""
 
     latencies_ms: list[float] = field(default_factory=list)
+    # Per job, the latency of its last client (infinite if one never got it).
+    last_ms: dict[str, float] = field(default_factory=dict)
     expected: int = 0
     missing: int = 0
     duplicated: int = 0
@@ -482,6 +485,12 @@ def tally(
                     result.duplicated += 1
                 else:
                     seen.add(job_id)
-                    result.latencies_ms.append((arrived - sent_at) * 1000.0)
-        result.missing += len(expected.accepted - seen)
+                    latency = (arrived - sent_at) * 1000.0
+                    result.latencies_ms.append(latency)
+                    if latency > result.last_ms.get(job_id, -1.0):
+                        result.last_ms[job_id] = latency
+        unseen = expected.accepted - seen
+        result.missing += len(unseen)
+        for job_id in unseen:
+            result.last_ms[job_id] = math.inf
     return result

@@ -8,9 +8,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench.common import API_KEY, DJANGO_SECRET_KEY, HMAC_SECRET, REPO_ROOT
-from testkit.servers import DaphneProcess, PostgresServer
+from testkit.servers import LOOPBACK, DaphneProcess, PostgresServer
 
 _MIGRATE_TIMEOUT = 180.0
 
@@ -21,6 +22,8 @@ class Gateway:
     ``database_url`` None means a fresh SQLite file in a temporary folder. With
     ``redis_url`` the queue, channel layer and wake-ups use Redis
     (``QUEUE_BACKEND=redis``); without it everything stays in the process.
+    With ``processes`` it is served by ``manage.py serve``: that many daphne
+    processes on one port (they need ``redis_url`` to share the jobs).
     """
 
     def __init__(
@@ -32,7 +35,9 @@ class Gateway:
         application: str = "gateway_project.asgi:application",
         extra_env: dict[str, str] | None = None,
         source: Path = REPO_ROOT,
+        processes: int | None = None,
     ) -> None:
+        self.processes = processes
         self.application = application
         # The checkout served: another commit's, to compare before and after.
         self.source = source
@@ -53,7 +58,7 @@ class Gateway:
 
     @property
     def pid(self) -> int | None:
-        """daphne's process id, once started."""
+        """daphne's (or the launcher's) process id, once started."""
         return None if self.process is None else self.process.pid
 
     def env(self) -> dict[str, str]:
@@ -94,11 +99,16 @@ class Gateway:
         # daphne's default verbosity writes an access log line per request, as
         # the production command in the README does; -v 0 turns it off.
         extra_args = [] if self.access_log else ["-v", "0"]
-        self.process = DaphneProcess(
-            env=self.env(),
-            extra_args=extra_args,
-            application=self.application,
-            cwd=self.source,
+        options: dict[str, Any] = {
+            "env": self.env(),
+            "extra_args": extra_args,
+            "application": self.application,
+            "cwd": self.source,
+        }
+        self.process = (
+            DaphneProcess(**options)
+            if self.processes is None
+            else ServeProcess(count=self.processes, **options)
         )
         self.process.start()
 
@@ -108,6 +118,23 @@ class Gateway:
             self.process.close()
             self.process = None
         shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+class ServeProcess(DaphneProcess):
+    """``manage.py serve`` with ``count`` daphne processes, in place of daphne."""
+
+    def __init__(self, *, count: int, **options: Any) -> None:
+        self.count = count  # before DaphneProcess builds the command line
+        super().__init__(**options)
+
+    def _argv(self) -> list[str]:
+        return [
+            sys.executable, "manage.py", "serve",
+            "--processes", str(self.count),
+            "--bind", LOOPBACK,
+            "--port", str(self.port),
+            "--", *self.extra_args,
+        ]  # fmt: skip
 
 
 def _merged(env: dict[str, str]) -> dict[str, str]:

@@ -31,12 +31,9 @@ import argparse
 import contextlib
 import json
 import secrets
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,6 +45,7 @@ from bench.common import (
     REPO_ROOT,
     RESULTS_DIR,
     Signer,
+    checkout,
     cpu_seconds,
     fmt,
     format_table,
@@ -540,23 +538,6 @@ def save(path: Path, options: Options, rows: Sequence[Row], summary: str) -> Non
 
 
 # --- Signature v2: one nonce remembered per request ------------------------------
-
-
-@contextlib.contextmanager
-def checkout(ref: str) -> Iterator[Path]:
-    """A temporary worktree of ``ref``, removed on the way out."""
-    folder = Path(tempfile.mkdtemp(prefix="bench-ref-")) / "tree"
-    git = ["git", "-C", str(REPO_ROOT)]
-    subprocess.run(
-        [*git, "worktree", "add", "--detach", "-q", str(folder), ref], check=True
-    )
-    try:
-        yield folder
-    finally:
-        subprocess.run(
-            [*git, "worktree", "remove", "--force", str(folder)], check=False
-        )
-        shutil.rmtree(folder.parent, ignore_errors=True)
 
 
 def run_v2(args: argparse.Namespace) -> int:

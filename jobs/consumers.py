@@ -133,8 +133,12 @@ class JobConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
         self.counted = True
         metrics.WEBSOCKET_CLIENTS.inc()
         await presence.connected()
+        # The hub has read the newest id already (at its first subscription)
+        # and follows every job since: a handshake needs no query of its own.
+        hub = fanout.hub()
+        last_id = hub.newest if hub.high is not None else await _last_id()
         await self._send(
-            {"type": "hello", "server_time": time.time(), "last_id": await _last_id()}
+            {"type": "hello", "server_time": time.time(), "last_id": last_id}
         )
         if since is not None:
             await self._replay(since)

@@ -43,13 +43,11 @@ logger = logging.getLogger(__name__)
 # size any WebSocket library takes (about 60 KB at typical job sizes).
 MAX_BATCH = 100
 # Writing to this many clients in a row, then letting the event loop run the
-# requests and jobs that arrived meanwhile.
+# requests and jobs that arrived meanwhile. That turn is all the room requests
+# need during a long round: a round never pauses afterwards, because a pause
+# is a wait for every job published during it, and the longer the machine
+# makes the round, the longer the wait (docs/realtime.md#write-rounds).
 CLIENTS_PER_TURN = 50
-# A round of writes that took longer than this (many clients, a busy process)
-# is followed by a pause as long as the round: the fan-out then takes at most
-# about half of the event loop, requests are served meanwhile, and the jobs
-# published during the pause go out together in the next round's frames.
-PAUSE_AFTER_SECONDS = 0.02
 # The most jobs read from the store to fill one gap in the live stream.
 MAX_FILL = 1000
 
@@ -172,6 +170,15 @@ class Hub:
         return set(self._filters)
 
     @property
+    def newest(self) -> int | None:
+        """The newest job id this process knows committed; None if none or unknown.
+
+        Once a client is attached it is at least the newest id committed
+        before it subscribed, and a job newer than it reaches the client live.
+        """
+        return self.high or None
+
+    @property
     def backlog(self) -> int:
         """Jobs received from the bus and not yet being written to clients."""
         return 0 if self._inbox is None else self._inbox.qsize()
@@ -256,12 +263,12 @@ class Hub:
                     await asyncio.sleep(0)
 
     async def _write(self, inbox: asyncio.Queue[dict[str, Any]]) -> None:
-        loop = asyncio.get_running_loop()
+        # Rounds follow each other at once: the jobs that arrived during one
+        # (it yields every CLIENTS_PER_TURN clients) all go out in the next.
         while True:
             jobs = [await inbox.get()]
             while len(jobs) < MAX_BATCH and not inbox.empty():
                 jobs.append(inbox.get_nowait())
-            started = loop.time()
             try:
                 ordered = await self.in_order(jobs)
                 for start in range(0, len(ordered), MAX_BATCH):
@@ -269,9 +276,6 @@ class Hub:
             except Exception:
                 # The next jobs must still go out.
                 logger.exception("could not dispatch %d jobs", len(jobs))
-            busy = loop.time() - started
-            if busy > PAUSE_AFTER_SECONDS:
-                await asyncio.sleep(busy)
 
     async def _read_high(self) -> None:
         # Read once subscribed: a job committed later is newer than this.

@@ -9,10 +9,12 @@ be remade by its commands.
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 
 from bench import fanout, http, refused
+from bench.fanout_client import Expected, tally
 from bench.gateway import Gateway
 from gateway_project.server import LEAVE_OUT_VARIABLE
 
@@ -65,3 +67,48 @@ def test_bench_refused_measures_refusals_with_and_without_a_patch(
     assert "http_us without / with: median " in out
     assert "post_us without / with: median " in out
     assert "ws_us without / with: median " in out
+
+
+def test_bench_fanout_adds_the_gateway_under_serve_beside_the_seed_on_redis() -> None:
+    args = fanout.parse_args(
+        ["--no-baseline", "--configs", "embedded", "--processes", "3", "--busy", "1"]
+    )
+    assert args.busy == 1
+    with contextlib.ExitStack() as stack:
+        sides = fanout.build_sides(args, stack)
+        served = sides[-1]
+        assert (served.key, served.config) == ("gateway-serve-3", "serve")
+        gateway = served.make(served)
+        assert isinstance(gateway, Gateway)
+        assert gateway.processes == 3
+        assert gateway.redis_url  # the processes share the jobs through Redis
+        gateway.close()
+
+
+class Frames:
+    """What ``tally`` reads of a client: its frames, with arrival times."""
+
+    def __init__(self, *frames: tuple[float, str]) -> None:
+        self.frames = [(at, job.encode()) for at, job in frames]
+
+
+def _frame(job_id: str, sent_at: float) -> str:
+    job = {"id": 1, "job_id": job_id, "fields": {"sent_at": sent_at}}
+    return json.dumps({"type": "job", "job": job})
+
+
+def test_bench_fanout_times_each_job_by_its_last_client() -> None:
+    sent = {"a": 10.0, "b": 20.0}
+    clients = [
+        Frames((10.010, _frame("a", 10.0)), (20.030, _frame("b", 20.0))),
+        Frames((10.050, _frame("a", 10.0))),  # never gets b
+    ]
+    counted = tally(
+        clients,  # type: ignore[arg-type]
+        Expected(sent, set(sent)),
+        gateway=True,
+        until=100.0,
+    )
+    assert counted.missing == 1
+    assert counted.last_ms["a"] == pytest.approx(50.0)
+    assert counted.last_ms["b"] == float("inf")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 from channels.layers import get_channel_layer
@@ -273,3 +274,73 @@ class _EventHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
         self.event.set()
+
+
+class SlowClient:
+    """A client whose first write takes long: a round as long as a busy one."""
+
+    WRITE_SECONDS = 0.1  # far above what any round of a quiet process takes
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.writing = asyncio.Event()
+        self.written = asyncio.Event()
+        self.second = asyncio.Event()
+
+    async def deliver(self, batch: fanout.Batch) -> None:
+        if not self.ids:
+            self.writing.set()
+            await asyncio.sleep(self.WRITE_SECONDS)
+            self.written.set()
+        else:
+            self.second.set()
+        self.ids.extend(job["id"] for job in batch.jobs)
+
+
+class HeardHub(fanout.Hub):
+    """A hub that says when the bus has handed it a job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heard: list[int] = []
+        self.heard_one = asyncio.Event()
+
+    def hear(self, news: bus.News) -> Awaitable[None] | None:
+        held = super().hear(news)
+        self.heard.extend(job["id"] for job in news.published)
+        self.heard_one.set()
+        return held
+
+
+async def test_a_job_published_during_a_long_round_goes_out_in_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No pause after a long round: the job waiting for it goes out at once."""
+    real_sleep = asyncio.sleep
+    waits_after_the_round: list[float] = []
+    client = SlowClient()
+
+    async def noted_sleep(delay: float) -> None:
+        # The hub's waits (not the layer's own timers) between the end of the
+        # long round and the next job's write.
+        by_hub = sys._getframe(1).f_globals.get("__name__") == fanout.__name__
+        between = client.written.is_set() and not client.second.is_set()
+        if delay and by_hub and between:
+            waits_after_the_round.append(delay)
+        await real_sleep(delay)
+
+    hub = HeardHub()
+    await hub.attach(client)
+    monkeypatch.setattr(asyncio, "sleep", noted_sleep)
+    try:
+        await services.broadcast({"id": 1, "channel": "api"})
+        await asyncio.wait_for(client.writing.wait(), 10)
+        hub.heard_one.clear()
+        await services.broadcast({"id": 2, "channel": "api"})
+        await asyncio.wait_for(hub.heard_one.wait(), 10)
+        assert not client.written.is_set()  # job 2 waits for the long round
+        await asyncio.wait_for(client.second.wait(), 10)
+        assert client.ids == [1, 2]
+        assert waits_after_the_round == []
+    finally:
+        hub.stop()

@@ -108,6 +108,27 @@ async def test_hello_then_one_job_frame_per_publish() -> None:
     await communicator.disconnect()
 
 
+async def test_a_handshake_takes_the_newest_id_from_the_hub_not_the_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = WebsocketCommunicator(application, "/ws", headers=KEY_HEADER)
+    assert (await first.connect())[0]
+    assert (await first.receive_json_from())["last_id"] is None
+    newest = await publish()
+    # The hub has written it to the first client: it knows the newest id.
+    assert (await first.receive_json_from())["job"]["id"] == newest["id"]
+
+    async def no_query() -> int | None:
+        raise AssertionError("the handshake read the store")
+
+    monkeypatch.setattr(consumers, "_last_id", no_query)
+    second = WebsocketCommunicator(application, "/ws", headers=KEY_HEADER)
+    assert (await second.connect())[0]
+    assert (await second.receive_json_from())["last_id"] == newest["id"]
+    await second.disconnect()
+    await first.disconnect()
+
+
 async def test_hello_names_the_newest_job_and_replays_nothing_unasked() -> None:
     await publish()
     newest = await publish()
