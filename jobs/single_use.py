@@ -58,7 +58,7 @@ async def add(key: str, value: str, ttl: int) -> bool:
         name = PREFIX + key
         return bool(await async_client().set(name, value, nx=True, ex=ttl))
     now = time.time()
-    if now - _last_prune >= PRUNE_EVERY_SECONDS:
+    if _prune_due(now):
         await _prune_in_thread(now)
     changed, _ = await _execute(_ADD, [key, value, now + ttl, now])
     return changed == 1
@@ -150,9 +150,14 @@ def _loop_connection(name: str) -> sqlite3.Connection:
     return held[1]
 
 
+def _prune_due(now: float) -> bool:
+    # Either way: a clock set back must not put off the next prune.
+    return abs(now - _last_prune) >= PRUNE_EVERY_SECONDS
+
+
 @in_db_thread
 def _prune_in_thread(now: float) -> None:
     global _last_prune
-    if now - _last_prune >= PRUNE_EVERY_SECONDS:
+    if _prune_due(now):
         _last_prune = now
         prune(now)
