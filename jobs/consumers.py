@@ -2,7 +2,7 @@
 
 ``where=``, ``channels=`` and ``tier=`` in the handshake (docs/filters.md) narrow
 both the live stream and the replay to the jobs the filter matches; ``batch=1``
-lets several jobs share a frame (docs/realtime.md#batched-frames).
+lets several jobs share a frame (docs/realtime.md#batched-frames-batch1).
 """
 
 from __future__ import annotations

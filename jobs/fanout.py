@@ -17,7 +17,7 @@ out together: each client that asked for batches (``/ws?batch=1``) gets them in
 one ``{"type": "jobs", "jobs": [...]}`` frame, the others one frame per job.
 Writing a frame costs daphne about the same whatever it holds, so a process
 behind on its clients catches up by sending fewer, fuller frames rather than
-falling further behind (docs/realtime.md#batched-frames).
+falling further behind (docs/realtime.md#batched-frames-batch1).
 """
 
 from __future__ import annotations
