@@ -14,21 +14,27 @@ channel layer, or hands the stack to a process, fails and says so.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import channels.layers
 import httpx
+import psycopg
 import pytest
 import redis
 from django.core.cache import CacheHandler
 from django.db import connection
 from hypothesis import settings as hypothesis_settings
+from psycopg import sql
 
 from gateway_client.signing import signed_headers
-from testkit.servers import DaphneProcess, PostgresServer, RedisServer
+from testkit.servers import REPO_ROOT, DaphneProcess, PostgresServer, RedisServer
 from tests.stack import API_KEY, HMAC_SECRET, STACK
 
 # Hypothesis fails an example slower than 200 ms by default: a verdict on the
@@ -288,6 +294,38 @@ def process_env(**overrides: str) -> dict[str, str]:
     if "DATABASE_URL" not in overrides:
         env["DATABASE_URL"] = database_url()
     return env
+
+
+@contextlib.contextmanager
+def own_postgres_database(request: pytest.FixtureRequest, prefix: str) -> Iterator[str]:
+    """A migrated PostgreSQL database of the caller's own, dropped afterwards.
+
+    On the services stack it lives on the stack's server; otherwise on a
+    throwaway one (``postgres_server``). For tests of several gateway
+    processes sharing one database, apart from the test database.
+    """
+    if STACK == "services":
+        admin_url = os.environ["DATABASE_URL"]
+    else:
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        admin_url = server.url
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    try:
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--noinput"],
+            cwd=REPO_ROOT,
+            env={**os.environ, "DATABASE_URL": url},
+            check=True,
+            capture_output=True,
+        )
+        yield url
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+            conn.execute(drop.format(sql.Identifier(name)))
 
 
 @dataclass

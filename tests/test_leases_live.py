@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -22,14 +21,13 @@ import psycopg
 import pytest
 import redis
 from asgiref.sync import sync_to_async
-from psycopg import sql
 
 from gateway_client import GatewayClient, LeaseLost
 from jobs.models import Job
 from jobs.queues import CLAIMING_KEY, QUEUE_KEY
-from testkit.servers import REPO_ROOT, DaphneProcess, PostgresServer
-from tests.conftest import LiveGateway, process_env
-from tests.stack import API_KEY, HMAC_SECRET, STACK
+from testkit.servers import REPO_ROOT, DaphneProcess
+from tests.conftest import LiveGateway, own_postgres_database, process_env
+from tests.stack import API_KEY, HMAC_SECRET
 
 pytestmark = [
     pytest.mark.backends,
@@ -126,26 +124,8 @@ async def test_the_worker_with_lease_acks_each_job_it_wrote(
 @pytest.fixture(scope="module")
 def lease_database(request: pytest.FixtureRequest) -> Iterator[str]:
     """A migrated PostgreSQL database of this module's own."""
-    if STACK == "services":
-        admin_url = os.environ["DATABASE_URL"]
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        admin_url = server.url
-    name = f"leases_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput"],
-        cwd=REPO_ROOT,
-        env={**os.environ, "DATABASE_URL": url},
-        check=True,
-        capture_output=True,
-    )
-    yield url
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-        conn.execute(drop.format(sql.Identifier(name)))
+    with own_postgres_database(request, "leases") as url:
+        yield url
 
 
 @pytest.fixture(params=["database", "redis"])

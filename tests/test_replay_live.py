@@ -13,26 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import subprocess
-import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
 import httpx
-import psycopg
 import pytest
 import redis
-from psycopg import sql
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway_client.signing import signed_headers
-from testkit.servers import REPO_ROOT, DaphneProcess, PostgresServer
-from tests.conftest import process_env
+from testkit.servers import DaphneProcess
+from tests.conftest import own_postgres_database, process_env
 from tests.stack import API_KEY, HMAC_SECRET, STACK
 
 pytestmark = [
@@ -50,26 +44,8 @@ DEADLINE = 90.0
 @pytest.fixture(scope="module")
 def replay_database(request: pytest.FixtureRequest) -> Iterator[str]:
     """A migrated PostgreSQL database of this module's own."""
-    if STACK == "services":
-        admin_url = os.environ["DATABASE_URL"]
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        admin_url = server.url
-    name = f"replay_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput"],
-        cwd=REPO_ROOT,
-        env={**os.environ, "DATABASE_URL": url},
-        check=True,
-        capture_output=True,
-    )
-    yield url
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-        conn.execute(drop.format(sql.Identifier(name)))
+    with own_postgres_database(request, "replay") as url:
+        yield url
 
 
 class Reconnecting:

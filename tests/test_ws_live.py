@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterator
@@ -19,17 +16,15 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import redis
-from psycopg import sql
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from gateway_client.signing import signed_headers
-from testkit.servers import LOOPBACK, REPO_ROOT, DaphneProcess, PostgresServer
-from tests.conftest import LiveGateway, process_env
-from tests.stack import API_KEY, HMAC_SECRET, STACK
+from testkit.servers import LOOPBACK, DaphneProcess
+from tests.conftest import LiveGateway, own_postgres_database, process_env
+from tests.stack import API_KEY, HMAC_SECRET
 
 pytestmark = pytest.mark.processes
 
@@ -203,26 +198,8 @@ async def test_replay_during_a_steady_stream_has_no_gap_and_no_duplicate(
 @pytest.fixture(scope="module")
 def replica_database(request: pytest.FixtureRequest) -> Iterator[str]:
     """A migrated PostgreSQL database of this module's own, on the stack's server."""
-    if STACK == "services":
-        admin_url = os.environ["DATABASE_URL"]
-    else:
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        admin_url = server.url
-    name = f"ws_replicas_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput"],
-        cwd=REPO_ROOT,
-        env={**os.environ, "DATABASE_URL": url},
-        check=True,
-        capture_output=True,
-    )
-    yield url
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-        conn.execute(drop.format(sql.Identifier(name)))
+    with own_postgres_database(request, "ws_replicas") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
