@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from functools import wraps
 from typing import Any
@@ -220,31 +220,31 @@ def _wait_seconds(raw: str | None) -> float:
 @signed_endpoint("POST")
 async def ack_job(request: HttpRequest, pk: int) -> HttpResponse:
     """Finish a leased job: it is never handed out again."""
-    token = _lease_token(request)
-    job_pk = _job_pk(pk)
-    leases.keep_sweeping()
-    try:
-        await leases.ack(job_pk, token)
-    except leases.UnknownJob:
-        raise _no_such_job(pk) from None
-    except leases.LeaseLost:
-        raise _lease_lost(pk) from None
+    job_pk = await _settle_lease(request, pk, leases.ack)
     return json_response({"acked": True, "id": job_pk})
 
 
 @signed_endpoint("POST")
 async def release_job(request: HttpRequest, pk: int) -> HttpResponse:
     """Give a leased job back: at the head of the queue, at once."""
+    job_pk = await _settle_lease(request, pk, leases.release)
+    return json_response({"released": True, "id": job_pk})
+
+
+async def _settle_lease(
+    request: HttpRequest, pk: int, settle: Callable[[int, str], Awaitable[None]]
+) -> int:
+    """Ack or release job ``pk`` under the request's lease token; 404 or 409 if not."""
     token = _lease_token(request)
     job_pk = _job_pk(pk)
     leases.keep_sweeping()
     try:
-        await leases.release(job_pk, token)
+        await settle(job_pk, token)
     except leases.UnknownJob:
         raise _no_such_job(pk) from None
     except leases.LeaseLost:
         raise _lease_lost(pk) from None
-    return json_response({"released": True, "id": job_pk})
+    return job_pk
 
 
 def _job_pk(pk: int) -> int:
