@@ -92,9 +92,9 @@ except server.ServerPatchError as exc:
 django_application = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from django.urls import path  # noqa: E402
+from django.urls import path, re_path  # noqa: E402
 
-from jobs.consumers import JobConsumer  # noqa: E402
+from jobs.consumers import JobConsumer, NoSuchPathConsumer  # noqa: E402
 from jobs.logs import hint_at_ports_in_use  # noqa: E402
 
 # A port in use: daphne's one line also says how to pick another.
@@ -141,7 +141,10 @@ application = ProtocolTypeRouter(
         # No origin check: game clients send no Origin header, and the API key
         # (checked by the consumer before accepting) is what admits a client.
         "websocket": URLRouter(
-            [path("ws", server.websocket_consumer(JobConsumer).as_asgi())]
+            [
+                path("ws", server.websocket_consumer(JobConsumer).as_asgi()),
+                re_path("", NoSuchPathConsumer.as_asgi()),
+            ]
         ),
     }
 )

@@ -385,3 +385,16 @@ def _replay_batch(after: int, channels: frozenset[str] | None) -> list[dict[str,
     if channels is not None:
         jobs = jobs.filter(channel__in=sorted(channels))
     return [job.to_wire() for job in jobs.order_by("id")[:REPLAY_BATCH]]
+
+
+class NoSuchPathConsumer(AsyncWebsocketConsumer):  # type: ignore[misc]
+    """A handshake to any path but ``/ws``: refused with a 403, in one access line.
+
+    Channels' router would raise for a path it has no route for, and daphne
+    log that as an error with its traceback, for every stray or hostile
+    handshake.
+    """
+
+    async def connect(self) -> None:
+        logs.websocket_access(self.scope, 403, time.monotonic(), refused="no such path")
+        await self.close()

@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from gateway_client import signing
 from testkit.servers import LOOPBACK, DaphneProcess
@@ -131,3 +133,16 @@ def test_hex_signatures_are_accepted_in_either_case(
     # Not hex at all is no signature.
     not_hex = http.get("/job/next", headers=v2(signing.new_nonce(), "g{}".format))
     assert not_hex.json()["error"] == "bad_signature"
+
+
+@pytest.mark.parametrize("target", ["/ws%0aX", "/ws/", "/other", "/ws%2f"])
+def test_a_handshake_to_any_other_path_is_refused_quietly(
+    gateway: DaphneProcess, target: str
+) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{gateway.ws_url}{target}?api_key={API_KEY}", open_timeout=10)
+    assert refused.value.response.status_code == 403
+    output = gateway.output()
+    assert "No route found" not in output
+    assert "Traceback" not in output
+    assert "refused: no such path" in output
