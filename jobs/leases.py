@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 from datetime import datetime
@@ -63,6 +64,14 @@ class UnknownJob(Exception):
 def new_token() -> str:
     """A fresh lease token: random, unguessable, URL-safe."""
     return secrets.token_urlsafe(24)
+
+
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def could_be_a_token(text: str) -> bool:
+    """Whether ``text`` has the shape of a token ``new_token`` makes."""
+    return bool(_TOKEN_RE.fullmatch(text))
 
 
 async def ack(pk: int, token: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -18,7 +17,8 @@ from jobs import deliveries, leases, metrics, services, tickets, wakeups
 from jobs.auth import authenticate, request_ip
 from jobs.filters import FilterError, JobFilter, requested_filter
 from jobs.health import health_report
-from jobs.payloads import PayloadError, parse_job
+from jobs.models import Job
+from jobs.payloads import PayloadError, load_json, parse_job
 from jobs.queues import Lease, Queue, get_queue
 from jobs.ratelimits import check_rate_limit
 from jobs.responses import ApiError, json_response, require_method
@@ -237,6 +237,12 @@ async def _settle_lease(
     """Ack or release job ``pk`` under the request's lease token; 404 or 409 if not."""
     token = _lease_token(request)
     job_pk = _job_pk(pk)
+    if not leases.could_be_a_token(token):
+        # Never one this gateway gave out (and a NUL PostgreSQL would refuse):
+        # not held, whatever the job, once the job is known to exist.
+        if not await Job.objects.filter(pk=job_pk).aexists():
+            raise _no_such_job(pk)
+        raise _lease_lost(pk)
     leases.keep_sweeping()
     try:
         await settle(job_pk, token)
@@ -285,9 +291,9 @@ def _lease_token(request: HttpRequest) -> str:
     if len(body) > settings.MAX_JOB_BYTES:
         raise _too_large()
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "bad_json", "The body is not valid JSON.") from None
+        data = load_json(body, what="body")
+    except PayloadError as exc:
+        raise ApiError(400, exc.code, exc.detail) from None
     token = data.get("lease") if isinstance(data, dict) else None
     if not isinstance(token, str) or not token or len(token) > leases.MAX_TOKEN_LENGTH:
         raise ApiError(

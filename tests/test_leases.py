@@ -174,6 +174,29 @@ async def test_unknown_jobs_and_tokens(api: httpx.AsyncClient, sign: Sign) -> No
     assert (await settle(api, sign, "ack", job["id"], token)).status_code == 200
 
 
+@pytest.mark.parametrize("token", ["a\x00b", "tok en", "é" * 10, "../x", "a\nb"])
+async def test_a_token_no_lease_could_have_is_lost_not_an_error(
+    api: httpx.AsyncClient, sign: Sign, token: str
+) -> None:
+    # A NUL reached PostgreSQL, which refused it: a 503 "backing service down".
+    job = await publish(api, sign)
+    await lease(api, sign)
+    for how in ("ack", "release"):
+        assert_error(await settle(api, sign, how, job["id"], token), 409, "lease_lost")
+        assert_error(await settle(api, sign, how, 999999, token), 404, "not_found")
+    assert (await row(job["id"])).status == Job.Status.LEASED
+
+
+async def test_a_body_nested_too_deep_is_bad_json(
+    api: httpx.AsyncClient, sign: Sign
+) -> None:
+    job = await publish(api, sign)
+    headers = {**sign(), "content-type": "application/json"}
+    body = b'{"lease": ' + b"[" * 100 + b"]" * 100 + b"}"
+    response = await api.post(f"/job/{job['id']}/ack", content=body, headers=headers)
+    assert "more than 64 levels deep" in assert_error(response, 400, "bad_json")
+
+
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
