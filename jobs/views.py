@@ -55,21 +55,7 @@ def signed_endpoint(*methods: str) -> Callable[[View], View]:
 @signed_endpoint("POST")
 async def post_job(request: HttpRequest) -> HttpResponse:
     """Publish one job."""
-    content_type = request.content_type or ""
-    if content_type != "application/json":
-        raise ApiError(
-            415, "unsupported_media_type", "The body must be application/json."
-        )
-    declared = request.META.get("CONTENT_LENGTH")
-    if declared and declared.isdigit() and int(declared) > settings.MAX_JOB_BYTES:
-        raise _too_large()
-    try:
-        body = request.body
-    except RequestDataTooBig:
-        # A body with no Content-Length (chunked) that is past even Django's cap.
-        raise _too_large() from None
-    if len(body) > settings.MAX_JOB_BYTES:
-        raise _too_large()
+    body = _json_body(request)
     try:
         draft = parse_job(body)
     except PayloadError as exc:
@@ -272,11 +258,8 @@ def _lease_lost(pk: int) -> ApiError:
     )
 
 
-def _lease_token(request: HttpRequest) -> str:
-    """The token of ``{"lease": "<token>"}``, the body of an ack or a release.
-
-    Bodies are capped as ``POST /job``'s are, at ``MAX_JOB_BYTES``.
-    """
+def _json_body(request: HttpRequest) -> bytes:
+    """A request's JSON body, at most ``MAX_JOB_BYTES``: 415 or 413 otherwise."""
     if (request.content_type or "") != "application/json":
         raise ApiError(
             415, "unsupported_media_type", "The body must be application/json."
@@ -287,9 +270,19 @@ def _lease_token(request: HttpRequest) -> str:
     try:
         body = request.body
     except RequestDataTooBig:
+        # A body with no Content-Length (chunked) that is past even Django's cap.
         raise _too_large() from None
     if len(body) > settings.MAX_JOB_BYTES:
         raise _too_large()
+    return body
+
+
+def _lease_token(request: HttpRequest) -> str:
+    """The token of ``{"lease": "<token>"}``, the body of an ack or a release.
+
+    Bodies are capped as ``POST /job``'s are, at ``MAX_JOB_BYTES``.
+    """
+    body = _json_body(request)
     try:
         data = load_json(body, what="body")
     except PayloadError as exc:

@@ -207,30 +207,36 @@ def test_without_discord_settings_only_the_gateway_runs(
 DAPHNE = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p"]
 
 
-def test_a_port_in_use_is_one_line_naming_it_and_port_setting(tmp_path: Path) -> None:
+def run_once(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """``scripts/run`` on a scratch settings file and database, until it exits."""
     settings_file = tmp_path / "settings.json"
     settings_file.write_text("{}")
+    return subprocess.run(
+        [str(REPO_ROOT / "scripts" / "run")],
+        cwd=REPO_ROOT,
+        env={
+            **os.environ,
+            "PORT": str(free_port()),
+            "SETTINGS_FILE": str(settings_file),
+            "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+            "REDIS_URL": "",
+            "QUEUE_BACKEND": "",
+            "CHANNEL_LAYER": "",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_SECONDS,
+        check=False,
+    )
+
+
+def test_a_port_in_use_is_one_line_naming_it_and_port_setting(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [str(REPO_ROOT / "scripts" / "run")],
-            cwd=REPO_ROOT,
-            env={
-                **os.environ,
-                "PORT": str(port),
-                "SETTINGS_FILE": str(settings_file),
-                "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-                "REDIS_URL": "",
-                "QUEUE_BACKEND": "",
-                "CHANNEL_LAYER": "",
-            },
-            capture_output=True,
-            text=True,
-            timeout=STARTUP_SECONDS,
-            check=False,
-        )
+        result = run_once(tmp_path, PORT=str(port))
     assert result.returncode == 1
     assert result.stdout == ""  # no banner promising a gateway that never came
     assert result.stderr.splitlines() == [
@@ -265,26 +271,7 @@ def test_a_port_in_use_is_one_line_naming_it_and_port_setting(tmp_path: Path) ->
 def test_a_bad_setting_stops_scripts_run_in_one_line(
     tmp_path: Path, env: dict[str, str], line: str
 ) -> None:
-    settings_file = tmp_path / "settings.json"
-    settings_file.write_text("{}")
-    result = subprocess.run(
-        [str(REPO_ROOT / "scripts" / "run")],
-        cwd=REPO_ROOT,
-        env={
-            **os.environ,
-            "PORT": str(free_port()),
-            "SETTINGS_FILE": str(settings_file),
-            "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-            "REDIS_URL": "",
-            "QUEUE_BACKEND": "",
-            "CHANNEL_LAYER": "",
-            **env,
-        },
-        capture_output=True,
-        text=True,
-        timeout=STARTUP_SECONDS,
-        check=False,
-    )
+    result = run_once(tmp_path, **env)
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr.splitlines() == [line]
