@@ -140,4 +140,5 @@ async def _run(
             await reporting
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(reporter.write(report(state)), FINAL_WRITE_SECONDS)
+        reporter.close()
         logger.info("the poller has %s", state)

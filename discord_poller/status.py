@@ -112,16 +112,23 @@ class StatusReporter:
                 thread.stop()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Write a report now and then about once a second, until ``stop``."""
-        self._thread = thread = _WriterThread()
-        try:
-            while not stop.is_set():
-                await self._write(thread, None)
-                if await wait_for_stop(stop, self._interval):
-                    return
-        finally:
+        """Write a report now and then about once a second, until ``stop``.
+
+        The writer thread outlives it: a last ``write()`` queues behind a
+        write this left in flight, so the last report asked for is the last
+        one saved. ``close()`` ends the thread.
+        """
+        self._thread = thread = self._thread or _WriterThread()
+        while not stop.is_set():
+            await self._write(thread, None)
+            if await wait_for_stop(stop, self._interval):
+                return
+
+    def close(self) -> None:
+        """End the writer thread once what is queued is written."""
+        if self._thread is not None:
+            self._thread.stop()
             self._thread = None
-            thread.stop()
 
     async def _write(self, thread: _WriterThread, report: Report | None) -> bool:
         report = self._snapshot() if report is None else report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
@@ -128,3 +129,33 @@ async def test_database_errors_are_survived_and_logged_once(
     assert "database is locked" in warnings[0].getMessage()
     row = await sync_to_async(PollerStatus.objects.get)()
     assert row.report == {"state": "running"}
+
+
+async def test_the_last_report_asked_for_is_the_last_saved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A periodic write still in the database when the poller stops must not
+    # land after the final one (an exit "failed" shown as "running").
+    saved: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def save(report: dict[str, Any], started_at: Any) -> None:
+        if report["state"] == "running":
+            entered.set()
+            release.wait(5)
+        saved.append(report["state"])
+
+    monkeypatch.setattr(status, "save_report", save)
+    reporter = StatusReporter(lambda: {"state": "running"})
+    stop = asyncio.Event()
+    periodic = asyncio.create_task(reporter.run(stop))
+    assert await asyncio.to_thread(entered.wait, 5)
+    stop.set()
+    periodic.cancel()  # as the service stops it, its write in flight
+    with contextlib.suppress(asyncio.CancelledError):
+        await periodic
+    final = asyncio.create_task(reporter.write({"state": "failed"}))
+    release.set()
+    assert await asyncio.wait_for(final, 5)
+    reporter.close()
+    assert saved == ["running", "failed"]
